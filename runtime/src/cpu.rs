@@ -1,0 +1,200 @@
+//! The CPU backend: tract's optimised plan, one per distinct set of input shapes.
+
+use std::sync::{Arc, Mutex};
+
+use tract_linalg::multithread::Executor;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::RunOptions;
+
+use crate::backend::{Backend, Executable};
+use crate::error::{Result, RuntimeError};
+use crate::model::{Dim, Graph, TensorInfo};
+use crate::options::ModelOptions;
+use crate::tensor::{DType, Tensor as HostTensor};
+
+/// Plans kept per model; a new set of input shapes past this evicts the oldest.
+const MAX_PLANS: usize = 4;
+
+#[derive(Debug)]
+pub(crate) struct CpuBackend;
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn prepare(&self, graph: &Graph, opts: &ModelOptions) -> Result<Box<dyn Executable>> {
+        let model = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .model_for_proto_model(&graph.proto)
+            .map_err(RuntimeError::backend)?;
+        let executor = (opts.threads > 1).then(|| Executor::multithread(opts.threads));
+        let exec = CpuExec {
+            model,
+            inputs: graph.inputs.clone(),
+            executor,
+            plans: Mutex::new(Vec::new()),
+        };
+        if let Some(shapes) = exec.static_shapes() {
+            exec.plan(&shapes)?;
+        }
+        Ok(Box::new(exec))
+    }
+}
+
+type Plan = Arc<TypedRunnableModel>;
+
+struct CpuExec {
+    model: InferenceModel,
+    inputs: Vec<TensorInfo>,
+    executor: Option<Executor>,
+    /// Optimised plans by input shapes, most recent last.
+    plans: Mutex<Vec<(Vec<Vec<usize>>, Plan)>>,
+}
+
+impl std::fmt::Debug for CpuExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuExec").field("inputs", &self.inputs).finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn datum(d: DType) -> DatumType {
+    match d {
+        DType::F32 => f32::datum_type(),
+        DType::F64 => f64::datum_type(),
+        DType::F16 => DatumType::F16,
+        DType::I64 => i64::datum_type(),
+        DType::I32 => i32::datum_type(),
+        DType::I16 => i16::datum_type(),
+        DType::I8 => i8::datum_type(),
+        DType::U8 => u8::datum_type(),
+        DType::U16 => u16::datum_type(),
+        DType::U32 => u32::datum_type(),
+        DType::U64 => u64::datum_type(),
+        DType::Bool => bool::datum_type(),
+    }
+}
+
+fn host_dtype(dt: DatumType) -> Option<DType> {
+    Some(match dt.unquantized() {
+        DatumType::F32 => DType::F32,
+        DatumType::F64 => DType::F64,
+        DatumType::F16 => DType::F16,
+        DatumType::I64 => DType::I64,
+        DatumType::I32 => DType::I32,
+        DatumType::I16 => DType::I16,
+        DatumType::I8 => DType::I8,
+        DatumType::U8 => DType::U8,
+        DatumType::U16 => DType::U16,
+        DatumType::U32 => DType::U32,
+        DatumType::U64 => DType::U64,
+        DatumType::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
+pub(crate) fn to_tract(t: &HostTensor) -> Result<Tensor> {
+    macro_rules! typed {
+        ($ty:ty) => {
+            Tensor::from_shape::<$ty>(t.shape(), &t.to_vec::<$ty>().unwrap_or_default())
+        };
+    }
+    let r = match t.dtype() {
+        DType::F32 => typed!(f32),
+        DType::F64 => typed!(f64),
+        DType::I64 => typed!(i64),
+        DType::I32 => typed!(i32),
+        DType::I16 => typed!(i16),
+        DType::I8 => typed!(i8),
+        DType::U8 => typed!(u8),
+        DType::U16 => typed!(u16),
+        DType::U32 => typed!(u32),
+        DType::U64 => typed!(u64),
+        DType::Bool => typed!(bool),
+        DType::F16 => {
+            let bits: Vec<u16> = t.as_bytes().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+            Tensor::from_shape::<u16>(t.shape(), &bits).and_then(|x| {
+                let mut x = x;
+                unsafe { x.set_datum_type(DatumType::F16) };
+                Ok(x)
+            })
+        }
+    };
+    r.map_err(RuntimeError::backend)
+}
+
+pub(crate) fn from_tract(t: &Tensor) -> Result<HostTensor> {
+    let dt = host_dtype(t.datum_type())
+        .ok_or_else(|| RuntimeError::UnsupportedDtype(format!("{:?}", t.datum_type())))?;
+    let t = if t.datum_type().is_quantized() {
+        t.clone().cast_to_dt(t.datum_type().unquantized()).map_err(RuntimeError::backend)?.into_owned()
+    } else {
+        t.clone()
+    };
+    let bytes = if dt == DType::Bool {
+        t.try_as_plain_ram().and_then(|v| v.as_slice::<bool>()).map_err(RuntimeError::backend)?.iter().map(|&b| b as u8).collect()
+    } else {
+        t.as_bytes().to_vec()
+    };
+    HostTensor::from_le_bytes(dt, t.shape(), bytes)
+}
+
+impl CpuExec {
+    /// Input shapes, when the graph fixes every one of them.
+    fn static_shapes(&self) -> Option<Vec<Vec<usize>>> {
+        self.inputs
+            .iter()
+            .map(|i| i.shape.iter().map(|d| match d { Dim::Fixed(n) => Some(*n), _ => None }).collect())
+            .collect()
+    }
+
+    fn plan(&self, shapes: &[Vec<usize>]) -> Result<Plan> {
+        let mut plans = self.plans.lock().map_err(|_| RuntimeError::Backend("plan cache poisoned".into()))?;
+        if let Some((_, p)) = plans.iter().find(|(s, _)| s == shapes) {
+            return Ok(p.clone());
+        }
+        let mut model = self.model.clone();
+        for (i, (info, shape)) in self.inputs.iter().zip(shapes).enumerate() {
+            let fact = match info.dtype {
+                Some(d) => InferenceFact::dt_shape(datum(d), shape.clone()),
+                None => InferenceFact::default().with_shape(shape.clone()),
+            };
+            model = model.with_input_fact(i, fact).map_err(RuntimeError::backend)?;
+        }
+        let opts = RunOptions { executor: self.executor.clone(), ..Default::default() };
+        let plan = model
+            .into_optimized()
+            .and_then(|m| m.into_runnable_with_options(&opts))
+            .map_err(RuntimeError::backend)?;
+        tracing::debug!(?shapes, "planned for new input shapes");
+        if plans.len() >= MAX_PLANS {
+            plans.remove(0);
+        }
+        plans.push((shapes.to_vec(), plan.clone()));
+        Ok(plan)
+    }
+}
+
+impl Executable for CpuExec {
+    fn run(&self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>> {
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = self.plan(&shapes)?;
+        let values: TVec<TValue> = inputs.iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
+        let run = || plan.run(values);
+        let out = match &self.executor {
+            Some(e) => tract_linalg::multithread::multithread_tract_scope(e.clone(), run),
+            None => run(),
+        }
+        .map_err(RuntimeError::backend)?;
+        out.iter().map(|v| from_tract(v)).collect()
+    }
+
+    fn describe(&self) -> Vec<String> {
+        let plans = self.plans.lock().map(|p| p.len()).unwrap_or(0);
+        vec![format!("cpu: tract 0.23 optimised plan ({plans} input shape set(s) planned)")]
+    }
+}

@@ -1,0 +1,93 @@
+//! fedge's import pipeline: protobuf-level rewrites that run before tract sees a model.
+//!
+//! Layout:
+//! - [`graph`]: helpers over `GraphProto` (constants, producers, node builders);
+//! - `shapes`: constant inputs, symbolic dimensions, stale `value_info`;
+//! - `fold`: `If` nodes whose condition is constant once inputs are fixed;
+//! - `msft`: onnxruntime's `com.microsoft` QOperator ops decomposed into standard ops;
+//! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
+//!   wrong rewritten into exact float arithmetic.
+
+pub(crate) mod graph;
+mod fold;
+mod msft;
+mod qdq;
+mod shapes;
+
+use std::collections::BTreeSet;
+
+use prost::Message;
+use tract_onnx::pb::{GraphProto, ModelProto};
+
+use crate::error::{Result, RuntimeError};
+use crate::options::ModelOptions;
+
+/// A model after the import pipeline, with a line per rewrite applied.
+#[derive(Debug, Clone)]
+pub(crate) struct Imported {
+    pub proto: ModelProto,
+    pub report: Vec<String>,
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<ModelProto> {
+    if bytes.is_empty() {
+        return Err(RuntimeError::EmptyModel);
+    }
+    let proto = ModelProto::decode(bytes)
+        .map_err(|e| RuntimeError::NotOnnx(format!("protobuf decoding failed: {e}")))?;
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| RuntimeError::NotOnnx("no graph in the file".into()))?;
+    if proto.ir_version <= 0 || proto.opset_import.is_empty() {
+        return Err(RuntimeError::NotOnnx("no IR version or opset import".into()));
+    }
+    if graph.output.is_empty() {
+        return Err(RuntimeError::InvalidModel("the graph has no outputs".into()));
+    }
+    Ok(proto)
+}
+
+pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
+    let mut proto = decode(bytes)?;
+    let mut report = Vec::new();
+    let graph = proto.graph.as_mut().ok_or_else(|| RuntimeError::NotOnnx("no graph".into()))?;
+    shapes::bake_constants(graph, &opts.constants, &mut report)?;
+    shapes::resolve_dims(graph, opts, &mut report);
+    if opts.rewrites {
+        msft::decompose(graph, &mut report);
+        qdq::rewrite(graph, &mut report);
+    }
+    fold::fold_ifs(&mut proto, &mut report);
+    check_ops(&proto)?;
+    for line in &report {
+        tracing::debug!(rewrite = %line, "import");
+    }
+    Ok(Imported { proto, report })
+}
+
+/// Every op type no backend implements, named all at once.
+fn check_ops(proto: &ModelProto) -> Result<()> {
+    let known = tract_onnx::onnx().op_register.0;
+    let mut missing = BTreeSet::new();
+    if let Some(g) = &proto.graph {
+        collect_unknown(g, &known, &mut missing);
+    }
+    if missing.is_empty() { Ok(()) } else { Err(RuntimeError::UnsupportedOps(missing.into_iter().collect())) }
+}
+
+fn collect_unknown<V>(
+    g: &GraphProto,
+    known: &std::collections::HashMap<String, V>,
+    out: &mut BTreeSet<String>,
+) {
+    for n in &g.node {
+        if !known.contains_key(&n.op_type) {
+            let domain = if n.domain.is_empty() { "ai.onnx" } else { &n.domain };
+            out.insert(format!("{} ({domain})", n.op_type));
+        }
+        for sub in n.attribute.iter().filter_map(|a| a.g.as_ref()) {
+            collect_unknown(sub, known, out);
+        }
+    }
+}

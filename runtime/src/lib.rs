@@ -1,0 +1,49 @@
+//! fedge-runtime: run float32 and int8 ONNX models on edge devices.
+//!
+//! tract parses, types and optimises; fedge's import pipeline runs first and makes real
+//! exports load and run right (symbolic dimensions, constant `If`s, onnxruntime's quantized
+//! formats). Backends sit behind one trait and are picked by name (`cpu`, `gpu`, `gpu-or-cpu`).
+//!
+//! Layout:
+//! - [`Model`] / [`Graph`] (`model`): load, inspect, validate and run;
+//! - [`ModelOptions`] (`options`): threads, backend, shapes, constant inputs;
+//! - [`Backend`], [`Registry`] (`backend`) and the tract CPU backend (`cpu`);
+//! - [`Tensor`] (`tensor`) and [`npy`]: host tensors and numpy files;
+//! - `import`: the protobuf-level rewrites.
+//!
+//! ```no_run
+//! use fedge_runtime::{Model, ModelOptions, Tensor};
+//! let model = Model::load("models/zoo/ppocr_cls/model.onnx", &ModelOptions::default().threads(2))?;
+//! let input = Tensor::new(&[1, 3, 48, 192], &vec![0.5f32; 3 * 48 * 192])?;
+//! let outputs = model.run(&[input])?;
+//! println!("{:?}", outputs[0].as_f32());
+//! # Ok::<(), fedge_runtime::RuntimeError>(())
+//! ```
+
+mod backend;
+mod cpu;
+mod error;
+mod import;
+mod model;
+pub mod npy;
+mod options;
+mod tensor;
+
+pub use backend::{Backend, Executable, Registry};
+pub use error::{Result, RuntimeError};
+pub use model::{Dim, Graph, Model, QuantFormat, TensorInfo};
+pub use options::ModelOptions;
+pub use tensor::{DType, Element, Tensor};
+
+/// Decodes an ONNX `TensorProto` (as stored in the ONNX test data `.pb` files).
+///
+/// # Errors
+/// [`RuntimeError::NotOnnx`] when the bytes are not a tensor, [`RuntimeError::UnsupportedDtype`]
+/// for element types fedge has no host type for (strings, complex).
+pub fn decode_tensor_proto(bytes: &[u8]) -> Result<Tensor> {
+    use prost::Message;
+    let pb = tract_onnx::pb::TensorProto::decode(bytes)
+        .map_err(|e| RuntimeError::NotOnnx(format!("tensor protobuf: {e}")))?;
+    let t = import::graph::load(&pb).ok_or_else(|| RuntimeError::NotOnnx("unreadable tensor".into()))?;
+    cpu::from_tract(&t)
+}
