@@ -85,7 +85,12 @@ impl Bake {
 }
 
 /// Loads the case's model with `bake` and runs it; `Ok(outputs)` or the load/run error.
-fn load_and_run(bytes: &[u8], graph: &Graph, inputs: &[Tensor], bake: Bake) -> Result<(Vec<Tensor>, Vec<String>), String> {
+fn load_and_run(
+    bytes: &[u8],
+    graph: &Graph,
+    inputs: &[Tensor],
+    bake: Bake,
+) -> Result<(Vec<Tensor>, Vec<String>), String> {
     let mut opts = ModelOptions::default().allow_non_finite(true);
     let mut fed = Vec::new();
     for (k, (info, t)) in graph.inputs().iter().zip(inputs).enumerate() {
@@ -101,7 +106,6 @@ fn load_and_run(bytes: &[u8], graph: &Graph, inputs: &[Tensor], bake: Bake) -> R
     Ok((got, model.output_names().to_vec()))
 }
 
-/// Runs one case; `Ok(how its inputs were baked)` when every output matches.
 /// Names what an undecodable `.pb` holds: a tensor of an element type fedge has no host type
 /// for, or something else (a sequence, optional or map value).
 fn what_is(pb: &[u8]) -> String {
@@ -122,7 +126,9 @@ fn what_is(pb: &[u8]) -> String {
     let mut at = 0;
     let mut data_type = None;
     while at < pb.len() {
-        let Some(key) = varint(pb, &mut at) else { break };
+        let Some(key) = varint(pb, &mut at) else {
+            break;
+        };
         let skip = match key & 7 {
             0 => {
                 let Some(v) = varint(pb, &mut at) else { break };
@@ -158,22 +164,34 @@ fn what_is(pb: &[u8]) -> String {
     format!("tensor of unsupported dtype {name}")
 }
 
+/// Runs one case; `Ok(how its inputs were baked)` when every output matches.
 fn run_case(dir: &Path) -> Result<&'static str, String> {
-    let bytes = std::fs::read(dir.join("model.onnx")).map_err(|e| format!("read model.onnx: {e}"))?;
+    let bytes =
+        std::fs::read(dir.join("model.onnx")).map_err(|e| format!("read model.onnx: {e}"))?;
     let data = dir.join("test_data_set_0");
     let inputs = load_pbs(&data, "input")?;
     let expected = load_pbs(&data, "output")?;
 
-    let graph = Graph::import(&bytes, &ModelOptions::default()).map_err(|e| format!("load: {e}"))?;
+    let graph =
+        Graph::import(&bytes, &ModelOptions::default()).map_err(|e| format!("load: {e}"))?;
     if graph.inputs().len() != inputs.len() {
-        return Err(format!("model declares {} inputs, test data has {}", graph.inputs().len(), inputs.len()));
+        return Err(format!(
+            "model declares {} inputs, test data has {}",
+            graph.inputs().len(),
+            inputs.len()
+        ));
     }
     // Integer inputs baked first; when that cannot load or run (tract wants constant scales,
     // pads, norm parameters, ...), the parameters after the first input are baked as well.
     let mut errors = Vec::new();
     let mut result = None;
     for bake in [Bake::Ints, Bake::AllButFirst] {
-        if bake == Bake::AllButFirst && !inputs.iter().enumerate().any(|(k, t)| bake.bakes(k, t) && !Bake::Ints.bakes(k, t)) {
+        if bake == Bake::AllButFirst
+            && !inputs
+                .iter()
+                .enumerate()
+                .any(|(k, t)| bake.bakes(k, t) && !Bake::Ints.bakes(k, t))
+        {
             break;
         }
         match load_and_run(&bytes, &graph, &inputs, bake) {
@@ -188,30 +206,51 @@ fn run_case(dir: &Path) -> Result<&'static str, String> {
         return Err(errors.join(" / "));
     };
     if got.len() != expected.len() {
-        return Err(format!("{} outputs, expected {}", got.len(), expected.len()));
+        return Err(format!(
+            "{} outputs, expected {}",
+            got.len(),
+            expected.len()
+        ));
     }
     for (k, (g, e)) in got.iter().zip(&expected).enumerate() {
         let name = names.get(k).map_or("?", String::as_str);
-        compare(g, e).map_err(|why| format!("output {k} ({name}), inputs baked: {}: {why}", bake.name()))?;
+        compare(g, e)
+            .map_err(|why| format!("output {k} ({name}), inputs baked: {}: {why}", bake.name()))?;
     }
     Ok(bake.name())
 }
 
 fn compare(got: &Tensor, want: &Tensor) -> Result<(), String> {
     if got.dtype() != want.dtype() {
-        return Err(format!("dtype mismatch: got {}, expected {}", got.dtype(), want.dtype()));
+        return Err(format!(
+            "dtype mismatch: got {}, expected {}",
+            got.dtype(),
+            want.dtype()
+        ));
     }
     if got.shape() != want.shape() {
-        return Err(format!("shape mismatch: got {:?}, expected {:?}", got.shape(), want.shape()));
+        return Err(format!(
+            "shape mismatch: got {:?}, expected {:?}",
+            got.shape(),
+            want.shape()
+        ));
     }
     let (g, w) = (got.to_f64_lossy(), want.to_f64_lossy());
     if want.dtype().is_float() {
-        let (rtol, atol) = if want.dtype() == DType::F16 { (RTOL_F16, ATOL_F16) } else { (RTOL, ATOL) };
+        let (rtol, atol) = if want.dtype() == DType::F16 {
+            (RTOL_F16, ATOL_F16)
+        } else {
+            (RTOL, ATOL)
+        };
         let mut worst: Option<(usize, f64)> = None;
         for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
             let ok = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= atol + rtol * b.abs();
             if !ok {
-                let err = if (a - b).is_nan() { f64::INFINITY } else { (a - b).abs() };
+                let err = if (a - b).is_nan() {
+                    f64::INFINITY
+                } else {
+                    (a - b).abs()
+                };
                 if worst.is_none_or(|(_, e)| err > e) {
                     worst = Some((i, err));
                 }
@@ -221,7 +260,11 @@ fn compare(got: &Tensor, want: &Tensor) -> Result<(), String> {
             let bad = g
                 .iter()
                 .zip(&w)
-                .filter(|&(&a, &b)| !((a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= atol + rtol * b.abs()))
+                .filter(|&(&a, &b)| {
+                    !((a.is_nan() && b.is_nan())
+                        || a == b
+                        || (a - b).abs() <= atol + rtol * b.abs())
+                })
                 .count();
             return Err(format!(
                 "output mismatch: {bad}/{} values out of tolerance (rtol {rtol}, atol {atol}); \
@@ -248,7 +291,9 @@ fn main() {
     let root = repo_root();
     let cases_dir = root.join(".cache/onnx-node");
     if !cases_dir.is_dir() {
-        println!("SKIPPED conformance: .cache/onnx-node absent: run bash tools/scripts/fetch_onnx_node_tests.sh");
+        println!(
+            "SKIPPED conformance: .cache/onnx-node absent: run bash tools/scripts/fetch_onnx_node_tests.sh"
+        );
         return;
     }
     let allow = read_allow(&root.join("tests/conformance/cpu.allow"));
@@ -297,7 +342,10 @@ fn main() {
         && let Ok(mut rep) = report.lock()
     {
         rep.sort();
-        let text: String = rep.iter().map(|(c, s, r)| format!("{c}\t{s}\t{r}\n")).collect();
+        let text: String = rep
+            .iter()
+            .map(|(c, s, r)| format!("{c}\t{s}\t{r}\n"))
+            .collect();
         if let Err(e) = std::fs::write(&path, text) {
             eprintln!("conformance: cannot write {path}: {e}");
         }
