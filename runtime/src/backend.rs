@@ -52,7 +52,9 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry { backends: vec![Arc::new(crate::cpu::CpuBackend)] }
+        Registry {
+            backends: vec![Arc::new(crate::cpu::CpuBackend)],
+        }
     }
 }
 
@@ -79,14 +81,18 @@ impl Registry {
     pub fn resolve(&self, name: &str) -> Result<(Arc<dyn Backend>, String)> {
         match name {
             "cpu" | "gpu" => {
-                let b = self.get(name).ok_or_else(|| RuntimeError::BackendUnavailable {
-                    name: name.into(),
-                    reason: "this build has no GPU backend (built without the `gpu` feature)".into(),
-                })?;
-                b.check().map_err(|reason| RuntimeError::BackendUnavailable {
-                    name: name.into(),
-                    reason,
-                })?;
+                let b = self
+                    .get(name)
+                    .ok_or_else(|| RuntimeError::BackendUnavailable {
+                        name: name.into(),
+                        reason: "this build has no GPU backend (built without the `gpu` feature)"
+                            .into(),
+                    })?;
+                b.check()
+                    .map_err(|reason| RuntimeError::BackendUnavailable {
+                        name: name.into(),
+                        reason,
+                    })?;
                 Ok((b, format!("{name} requested")))
             }
             "gpu-or-cpu" => {
@@ -111,7 +117,10 @@ mod tests {
     fn gpu_is_cleanly_unavailable_without_the_feature() {
         let r = Registry::default();
         let err = r.resolve("gpu").expect_err("no gpu backend");
-        assert!(matches!(err, RuntimeError::BackendUnavailable { .. }), "{err}");
+        assert!(
+            matches!(err, RuntimeError::BackendUnavailable { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -123,6 +132,9 @@ mod tests {
 
     #[test]
     fn unknown_names_are_rejected() {
-        assert!(matches!(Registry::default().resolve("tpu"), Err(RuntimeError::UnknownBackend(_))));
+        assert!(matches!(
+            Registry::default().resolve("tpu"),
+            Err(RuntimeError::UnknownBackend(_))
+        ));
     }
 }

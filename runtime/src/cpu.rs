@@ -28,19 +28,36 @@ impl Backend for CpuBackend {
     }
 
     fn prepare(&self, graph: &Graph, opts: &ModelOptions) -> Result<Box<dyn Executable>> {
-        let model = tract_onnx::onnx()
-            .with_ignore_output_shapes(true)
-            .model_for_proto_model(&graph.proto)
-            .map_err(RuntimeError::backend)?;
         let executor = (opts.threads > 1).then(|| Executor::multithread(opts.threads));
+        // Integer scalars that still decide an `If` are baked per value at plan time.
+        let specialize = if crate::import::has_if(&graph.proto) {
+            graph
+                .inputs
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| {
+                    i.shape.is_empty() && matches!(i.dtype, Some(DType::I64 | DType::I32))
+                })
+                .map(|(k, _)| k)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let exec = CpuExec {
-            model,
+            proto: graph.proto.clone(),
             inputs: graph.inputs.clone(),
+            specialize,
             executor,
             plans: Mutex::new(Vec::new()),
         };
-        if let Some(shapes) = exec.static_shapes() {
-            exec.plan(&shapes)?;
+        if let Some(shapes) = exec.static_shapes().filter(|_| exec.specialize.is_empty()) {
+            exec.plan(
+                &PlanKey {
+                    shapes,
+                    values: Vec::new(),
+                },
+                &[],
+            )?;
         }
         Ok(Box::new(exec))
     }
@@ -48,17 +65,28 @@ impl Backend for CpuBackend {
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// What a plan is specialised to: every input's shape, and the values of `specialize` inputs.
+#[derive(Debug, Clone, PartialEq)]
+struct PlanKey {
+    shapes: Vec<Vec<usize>>,
+    values: Vec<HostTensor>,
+}
+
 struct CpuExec {
-    model: InferenceModel,
+    proto: tract_onnx::pb::ModelProto,
     inputs: Vec<TensorInfo>,
+    /// Indices of inputs baked into the plan by value (control scalars feeding an `If`).
+    specialize: Vec<usize>,
     executor: Option<Executor>,
-    /// Optimised plans by input shapes, most recent last.
-    plans: Mutex<Vec<(Vec<Vec<usize>>, Plan)>>,
+    /// Optimised plans, most recent last, at most `MAX_PLANS`.
+    plans: Mutex<Vec<(PlanKey, Plan)>>,
 }
 
 impl std::fmt::Debug for CpuExec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuExec").field("inputs", &self.inputs).finish_non_exhaustive()
+        f.debug_struct("CpuExec")
+            .field("inputs", &self.inputs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -115,28 +143,45 @@ pub(crate) fn to_tract(t: &HostTensor) -> Result<Tensor> {
         DType::U32 => typed!(u32),
         DType::U64 => typed!(u64),
         DType::Bool => typed!(bool),
+        // f16 → f32 → f16 is exact.
         DType::F16 => {
-            let bits: Vec<u16> = t.as_bytes().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-            Tensor::from_shape::<u16>(t.shape(), &bits).and_then(|x| {
-                let mut x = x;
-                unsafe { x.set_datum_type(DatumType::F16) };
-                Ok(x)
-            })
+            let wide: Vec<f32> = t.to_f64_lossy().iter().map(|&v| v as f32).collect();
+            Tensor::from_shape::<f32>(t.shape(), &wide)
+                .and_then(|x| x.cast_to_dt(DatumType::F16).map(|c| c.into_owned()))
         }
     };
     r.map_err(RuntimeError::backend)
 }
 
 pub(crate) fn from_tract(t: &Tensor) -> Result<HostTensor> {
+    // tract folds Shape/Size into symbolic-dimension tensors; ONNX says int64.
+    let owned;
+    let t = if t.datum_type() == DatumType::TDim {
+        owned = t
+            .cast_to::<i64>()
+            .map_err(RuntimeError::backend)?
+            .into_owned();
+        &owned
+    } else {
+        t
+    };
     let dt = host_dtype(t.datum_type())
         .ok_or_else(|| RuntimeError::UnsupportedDtype(format!("{:?}", t.datum_type())))?;
     let t = if t.datum_type().is_quantized() {
-        t.clone().cast_to_dt(t.datum_type().unquantized()).map_err(RuntimeError::backend)?.into_owned()
+        t.clone()
+            .cast_to_dt(t.datum_type().unquantized())
+            .map_err(RuntimeError::backend)?
+            .into_owned()
     } else {
         t.clone()
     };
     let bytes = if dt == DType::Bool {
-        t.try_as_plain_ram().and_then(|v| v.as_slice::<bool>()).map_err(RuntimeError::backend)?.iter().map(|&b| b as u8).collect()
+        t.try_as_plain_ram()
+            .and_then(|v| v.as_slice::<bool>())
+            .map_err(RuntimeError::backend)?
+            .iter()
+            .map(|&b| b as u8)
+            .collect()
     } else {
         t.as_bytes().to_vec()
     };
@@ -148,42 +193,85 @@ impl CpuExec {
     fn static_shapes(&self) -> Option<Vec<Vec<usize>>> {
         self.inputs
             .iter()
-            .map(|i| i.shape.iter().map(|d| match d { Dim::Fixed(n) => Some(*n), _ => None }).collect())
+            .map(|i| {
+                i.shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => Some(*n),
+                        _ => None,
+                    })
+                    .collect()
+            })
             .collect()
     }
 
-    fn plan(&self, shapes: &[Vec<usize>]) -> Result<Plan> {
-        let mut plans = self.plans.lock().map_err(|_| RuntimeError::Backend("plan cache poisoned".into()))?;
-        if let Some((_, p)) = plans.iter().find(|(s, _)| s == shapes) {
+    fn plan(&self, key: &PlanKey, inputs: &[HostTensor]) -> Result<Plan> {
+        let mut plans = self
+            .plans
+            .lock()
+            .map_err(|_| RuntimeError::Backend("plan cache poisoned".into()))?;
+        if let Some((_, p)) = plans.iter().find(|(k, _)| k == key) {
             return Ok(p.clone());
         }
-        let mut model = self.model.clone();
-        for (i, (info, shape)) in self.inputs.iter().zip(shapes).enumerate() {
+        let proto = if self.specialize.is_empty() {
+            std::borrow::Cow::Borrowed(&self.proto)
+        } else {
+            let consts = self
+                .specialize
+                .iter()
+                .map(|&k| (self.inputs[k].name.clone(), inputs[k].clone()))
+                .collect();
+            std::borrow::Cow::Owned(crate::import::specialize(&self.proto, &consts)?)
+        };
+        let mut model = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .model_for_proto_model(&proto)
+            .map_err(RuntimeError::backend)?;
+        let fed = self
+            .inputs
+            .iter()
+            .zip(&key.shapes)
+            .enumerate()
+            .filter(|(k, _)| !self.specialize.contains(k));
+        for (i, (_, (info, shape))) in fed.enumerate() {
             let fact = match info.dtype {
                 Some(d) => InferenceFact::dt_shape(datum(d), shape.clone()),
                 None => InferenceFact::default().with_shape(shape.clone()),
             };
-            model = model.with_input_fact(i, fact).map_err(RuntimeError::backend)?;
+            model = model
+                .with_input_fact(i, fact)
+                .map_err(RuntimeError::backend)?;
         }
-        let opts = RunOptions { executor: self.executor.clone(), ..Default::default() };
+        let opts = RunOptions {
+            executor: self.executor.clone(),
+            ..Default::default()
+        };
         let plan = model
             .into_optimized()
             .and_then(|m| m.into_runnable_with_options(&opts))
             .map_err(RuntimeError::backend)?;
-        tracing::debug!(?shapes, "planned for new input shapes");
+        tracing::debug!(shapes = ?key.shapes, "planned for new input shapes");
         if plans.len() >= MAX_PLANS {
             plans.remove(0);
         }
-        plans.push((shapes.to_vec(), plan.clone()));
+        plans.push((key.clone(), plan.clone()));
         Ok(plan)
     }
 }
 
 impl Executable for CpuExec {
     fn run(&self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>> {
-        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
-        let plan = self.plan(&shapes)?;
-        let values: TVec<TValue> = inputs.iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
+        let key = PlanKey {
+            shapes: inputs.iter().map(|t| t.shape().to_vec()).collect(),
+            values: self.specialize.iter().map(|&k| inputs[k].clone()).collect(),
+        };
+        let plan = self.plan(&key, &inputs)?;
+        let values: TVec<TValue> = inputs
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !self.specialize.contains(k))
+            .map(|(_, t)| to_tract(t).map(|t| t.into_tvalue()))
+            .collect::<Result<_>>()?;
         let run = || plan.run(values);
         let out = match &self.executor {
             Some(e) => tract_linalg::multithread::multithread_tract_scope(e.clone(), run),
@@ -195,6 +283,8 @@ impl Executable for CpuExec {
 
     fn describe(&self) -> Vec<String> {
         let plans = self.plans.lock().map(|p| p.len()).unwrap_or(0);
-        vec![format!("cpu: tract 0.23 optimised plan ({plans} input shape set(s) planned)")]
+        vec![format!(
+            "cpu: tract 0.23 optimised plan ({plans} input shape set(s) planned)"
+        )]
     }
 }

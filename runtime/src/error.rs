@@ -8,7 +8,10 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum RuntimeError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the model is empty (0 bytes)")]
     EmptyModel,
     #[error("not an ONNX model: {0}")]
@@ -20,15 +23,33 @@ pub enum RuntimeError {
     #[error("the model takes {expected} inputs, {got} were given")]
     InputCount { expected: usize, got: usize },
     #[error("input `{name}`: expected dtype {expected}, got {got}")]
-    InputDtype { name: String, expected: String, got: String },
+    InputDtype {
+        name: String,
+        expected: String,
+        got: String,
+    },
     #[error("input `{name}`: expected shape {expected}, got {got:?}")]
-    InputShape { name: String, expected: String, got: Vec<usize> },
-    #[error("input `{name}` has {count} non-finite values (NaN or infinity), first at index {first}")]
-    NonFinite { name: String, count: usize, first: usize },
+    InputShape {
+        name: String,
+        expected: String,
+        got: Vec<usize>,
+    },
+    #[error(
+        "input `{name}` has {count} non-finite values (NaN or infinity), first at index {first}"
+    )]
+    NonFinite {
+        name: String,
+        count: usize,
+        first: usize,
+    },
     #[error("unknown input `{0}`")]
     UnknownInput(String),
     #[error("tensor data has {got} elements but shape {shape:?} needs {expected}")]
-    TensorSize { shape: Vec<usize>, expected: usize, got: usize },
+    TensorSize {
+        shape: Vec<usize>,
+        expected: usize,
+        got: usize,
+    },
     #[error("unsupported tensor dtype {0}")]
     UnsupportedDtype(String),
     #[error("backend `{name}` is not available: {reason}")]
@@ -43,7 +64,10 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        RuntimeError::Io { path: path.into(), source }
+        RuntimeError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// Keeps tract's whole context chain (`a: b: c`) in one line.

@@ -9,6 +9,7 @@
 //! - [`ModelOptions`] (`options`): threads, backend, shapes, constant inputs;
 //! - [`Backend`], [`Registry`] (`backend`) and the tract CPU backend (`cpu`);
 //! - [`Tensor`] (`tensor`) and [`npy`]: host tensors and numpy files;
+//! - [`manifest`]: a model's `manifest.toml` (source, licence, shapes, tolerances, references);
 //! - `import`: the protobuf-level rewrites.
 //!
 //! ```no_run
@@ -24,6 +25,7 @@ mod backend;
 mod cpu;
 mod error;
 mod import;
+pub mod manifest;
 mod model;
 pub mod npy;
 mod options;
@@ -44,6 +46,7 @@ pub fn decode_tensor_proto(bytes: &[u8]) -> Result<Tensor> {
     use prost::Message;
     let pb = tract_onnx::pb::TensorProto::decode(bytes)
         .map_err(|e| RuntimeError::NotOnnx(format!("tensor protobuf: {e}")))?;
-    let t = import::graph::load(&pb).ok_or_else(|| RuntimeError::NotOnnx("unreadable tensor".into()))?;
+    let t = import::graph::load(&pb)
+        .ok_or_else(|| RuntimeError::NotOnnx("unreadable tensor".into()))?;
     cpu::from_tract(&t)
 }

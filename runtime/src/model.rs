@@ -129,7 +129,8 @@ fn histogram(proto: &ModelProto) -> BTreeMap<String, usize> {
 
 fn declared_inputs(proto: &ModelProto) -> Vec<TensorInfo> {
     let Some(g) = &proto.graph else { return vec![] };
-    let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inits: std::collections::HashSet<&str> =
+        g.initializer.iter().map(|t| t.name.as_str()).collect();
     g.input
         .iter()
         .filter(|i| !inits.contains(i.name.as_str()))
@@ -145,13 +146,20 @@ fn declared_inputs(proto: &ModelProto) -> Vec<TensorInfo> {
                         .iter()
                         .map(|d| match &d.value {
                             Some(DimValue::DimValue(v)) if *v >= 0 => Dim::Fixed(*v as usize),
-                            Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::Symbol(p.clone()),
+                            // Exporters write `?` for "any": not a shared symbol.
+                            Some(DimValue::DimParam(p)) if !p.is_empty() && p != "?" => {
+                                Dim::Symbol(p.clone())
+                            }
                             _ => Dim::Unknown,
                         })
                         .collect()
                 })
                 .unwrap_or_default();
-            TensorInfo { name: i.name.clone(), dtype: tt.and_then(|t| dtype_of_code(t.elem_type)), shape }
+            TensorInfo {
+                name: i.name.clone(),
+                dtype: tt.and_then(|t| dtype_of_code(t.elem_type)),
+                shape,
+            }
         })
         .collect()
 }
@@ -166,7 +174,12 @@ impl Graph {
         let original = histogram(&import::decode(bytes)?);
         let imported = import::import(bytes, opts)?;
         let proto = imported.proto;
-        let outputs = proto.graph.iter().flat_map(|g| &g.output).map(|o| o.name.clone()).collect();
+        let outputs = proto
+            .graph
+            .iter()
+            .flat_map(|g| &g.output)
+            .map(|o| o.name.clone())
+            .collect();
         Ok(Graph {
             inputs: declared_inputs(&proto),
             outputs,
@@ -249,7 +262,11 @@ impl Model {
     ///
     /// # Errors
     /// As [`Model::from_bytes`].
-    pub fn from_bytes_with(bytes: &[u8], opts: &ModelOptions, registry: &Registry) -> Result<Model> {
+    pub fn from_bytes_with(
+        bytes: &[u8],
+        opts: &ModelOptions,
+        registry: &Registry,
+    ) -> Result<Model> {
         let graph = Graph::import(bytes, opts)?;
         let (backend, backend_reason) = registry.resolve(&opts.backend)?;
         tracing::info!(backend = backend.name(), reason = %backend_reason, "backend selected");
@@ -302,16 +319,27 @@ impl Model {
     /// [`RuntimeError::UnknownInput`] for a name the model does not take, a missing one as
     /// [`RuntimeError::InputCount`], else as [`Model::run`].
     pub fn run_named(&self, named: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
-        if let Some((n, _)) = named.iter().find(|(n, _)| !self.inputs().iter().any(|i| &i.name == n)) {
+        if let Some((n, _)) = named
+            .iter()
+            .find(|(n, _)| !self.inputs().iter().any(|i| &i.name == n))
+        {
             return Err(RuntimeError::UnknownInput(n.clone()));
         }
         let ordered: Vec<Tensor> = self
             .inputs()
             .iter()
-            .filter_map(|i| named.iter().find(|(n, _)| n == &i.name).map(|(_, t)| t.clone()))
+            .filter_map(|i| {
+                named
+                    .iter()
+                    .find(|(n, _)| n == &i.name)
+                    .map(|(_, t)| t.clone())
+            })
             .collect();
         if ordered.len() != self.inputs().len() {
-            return Err(RuntimeError::InputCount { expected: self.inputs().len(), got: ordered.len() });
+            return Err(RuntimeError::InputCount {
+                expected: self.inputs().len(),
+                got: ordered.len(),
+            });
         }
         self.run(&ordered)
     }
@@ -319,7 +347,10 @@ impl Model {
     fn validate(&self, inputs: &[Tensor]) -> Result<()> {
         let decl = self.inputs();
         if inputs.len() != decl.len() {
-            return Err(RuntimeError::InputCount { expected: decl.len(), got: inputs.len() });
+            return Err(RuntimeError::InputCount {
+                expected: decl.len(),
+                got: inputs.len(),
+            });
         }
         let mut symbols: HashMap<&str, usize> = HashMap::new();
         for (info, t) in decl.iter().zip(inputs) {
@@ -344,7 +375,9 @@ impl Model {
                 for (d, &n) in info.shape.iter().zip(t.shape()) {
                     match d {
                         Dim::Fixed(f) if *f != n => return Err(shape_err()),
-                        Dim::Symbol(s) if *symbols.entry(s).or_insert(n) != n => return Err(shape_err()),
+                        Dim::Symbol(s) if *symbols.entry(s).or_insert(n) != n => {
+                            return Err(shape_err());
+                        }
                         _ => {}
                     }
                 }
@@ -352,7 +385,11 @@ impl Model {
             if !self.allow_non_finite
                 && let Some((count, first)) = t.non_finite()
             {
-                return Err(RuntimeError::NonFinite { name: info.name.clone(), count, first });
+                return Err(RuntimeError::NonFinite {
+                    name: info.name.clone(),
+                    count,
+                    first,
+                });
             }
         }
         Ok(())

@@ -56,7 +56,9 @@ fn dtype_descr(d: DType) -> &'static str {
 /// The value of `'key': value` in numpy's header dict (a Python literal).
 fn header_field<'a>(header: &'a str, key: &str) -> Result<&'a str> {
     let pat = format!("'{key}':");
-    let start = header.find(&pat).ok_or_else(|| bad(format!("header has no `{key}`")))?;
+    let start = header
+        .find(&pat)
+        .ok_or_else(|| bad(format!("header has no `{key}`")))?;
     Ok(header[start + pat.len()..].trim_start())
 }
 
@@ -68,7 +70,9 @@ fn parse_header(header: &str) -> Result<(DType, Vec<usize>)> {
         .ok_or_else(|| bad("malformed descr"))?;
     let dtype = descr_dtype(descr)?;
     if header_field(header, "fortran_order")?.starts_with("True") {
-        return Err(bad("Fortran-ordered arrays are not supported; save with C order"));
+        return Err(bad(
+            "Fortran-ordered arrays are not supported; save with C order",
+        ));
     }
     let shape = header_field(header, "shape")?;
     let inner = shape
@@ -79,7 +83,10 @@ fn parse_header(header: &str) -> Result<(DType, Vec<usize>)> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| bad(format!("bad dimension `{s}`"))))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| bad(format!("bad dimension `{s}`")))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((dtype, dims))
 }
@@ -94,9 +101,10 @@ pub fn decode(bytes: &[u8]) -> Result<Tensor> {
     }
     let (hlen, hstart) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => {
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
-        }
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(bad(format!("unsupported .npy version {v}"))),
     };
     if hlen > MAX_HEADER || bytes.len() < hstart + hlen {
@@ -112,7 +120,10 @@ pub fn decode(bytes: &[u8]) -> Result<Tensor> {
         .and_then(|n| n.checked_mul(dtype.size_of()))
         .ok_or_else(|| bad("shape overflows"))?;
     if data.len() != n {
-        return Err(bad(format!("data is {} bytes, shape {shape:?} needs {n}", data.len())));
+        return Err(bad(format!(
+            "data is {} bytes, shape {shape:?} needs {n}",
+            data.len()
+        )));
     }
     Tensor::from_le_bytes(dtype, &shape, data.to_vec())
 }
@@ -166,14 +177,20 @@ pub fn write(path: impl AsRef<Path>, t: &Tensor) -> Result<()> {
 pub fn read_npz(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
     let path = path.as_ref();
     let file = std::fs::File::open(path).map_err(|e| RuntimeError::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| bad(format!("{}: {e}", path.display())))?;
     let mut out = Vec::with_capacity(zip.len());
     for i in 0..zip.len() {
         let mut entry = zip.by_index(i).map_err(|e| bad(e.to_string()))?;
         let name = entry.name().trim_end_matches(".npy").to_string();
         let mut buf = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut buf).map_err(|e| RuntimeError::io(path, e))?;
-        out.push((name.clone(), decode(&buf).map_err(|e| bad(format!("{name}: {e}")))?));
+        entry
+            .read_to_end(&mut buf)
+            .map_err(|e| RuntimeError::io(path, e))?;
+        out.push((
+            name.clone(),
+            decode(&buf).map_err(|e| bad(format!("{name}: {e}")))?,
+        ));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
@@ -190,7 +207,11 @@ mod tests {
             let data: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
             let t = Tensor::new(&shape, &data).expect("tensor");
             let bytes = encode(&t);
-            assert_eq!((bytes.len() - t.as_bytes().len()) % 64, 0, "header aligned to 64");
+            assert_eq!(
+                (bytes.len() - t.as_bytes().len()) % 64,
+                0,
+                "header aligned to 64"
+            );
             assert_eq!(decode(&bytes).expect("decode"), t);
         }
     }

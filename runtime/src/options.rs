@@ -20,6 +20,12 @@ pub struct ModelOptions {
     pub allow_non_finite: bool,
     /// fedge's graph rewrites before tract (off only to measure what they change).
     pub rewrites: bool,
+    /// Run int8 convolutions and matrix products on tract's integer kernels (QLinearConv,
+    /// QLinearMatMul): bit-faithful to onnxruntime's integer arithmetic (the default). Off, they
+    /// run as float kernels between exact quantize steps: 10-20x faster with tract 0.23.9 on
+    /// x86-64, but single rounding-step differences can grow through deep networks
+    /// (see `docs/runtime.md`).
+    pub integer_kernels: bool,
 }
 
 impl Default for ModelOptions {
@@ -32,6 +38,7 @@ impl Default for ModelOptions {
             constants: BTreeMap::new(),
             allow_non_finite: false,
             rewrites: true,
+            integer_kernels: true,
         }
     }
 }
@@ -64,6 +71,11 @@ impl ModelOptions {
 
     pub fn allow_non_finite(mut self, allow: bool) -> Self {
         self.allow_non_finite = allow;
+        self
+    }
+
+    pub fn integer_kernels(mut self, on: bool) -> Self {
+        self.integer_kernels = on;
         self
     }
 

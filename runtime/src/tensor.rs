@@ -155,7 +155,11 @@ impl Tensor {
         }
         let mut bytes = Vec::with_capacity(data.len() * T::DTYPE.size_of());
         data.iter().for_each(|v| v.to_le(&mut bytes));
-        Ok(Tensor { dtype: T::DTYPE, shape: shape.to_vec(), bytes })
+        Ok(Tensor {
+            dtype: T::DTYPE,
+            shape: shape.to_vec(),
+            bytes,
+        })
     }
 
     /// Builds a tensor from little-endian bytes.
@@ -171,13 +175,21 @@ impl Tensor {
                 got: bytes.len() / dtype.size_of(),
             });
         }
-        Ok(Tensor { dtype, shape: shape.to_vec(), bytes })
+        Ok(Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            bytes,
+        })
     }
 
     /// A zero-filled tensor.
     pub fn zeros(dtype: DType, shape: &[usize]) -> Tensor {
         let n = shape.iter().product::<usize>() * dtype.size_of();
-        Tensor { dtype, shape: shape.to_vec(), bytes: vec![0; n] }
+        Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            bytes: vec![0; n],
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -203,8 +215,12 @@ impl Tensor {
 
     /// Copies the elements out as `T`, or `None` when the dtype differs.
     pub fn to_vec<T: Element>(&self) -> Option<Vec<T>> {
-        (self.dtype == T::DTYPE)
-            .then(|| self.bytes.chunks_exact(self.dtype.size_of()).map(T::from_le).collect())
+        (self.dtype == T::DTYPE).then(|| {
+            self.bytes
+                .chunks_exact(self.dtype.size_of())
+                .map(T::from_le)
+                .collect()
+        })
     }
 
     /// The elements as `f32`, or `None` when the tensor is not `float32`.
@@ -265,13 +281,13 @@ fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h >> 15) as u32) << 31;
     let exp = ((h >> 10) & 0x1f) as u32;
     let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, _) => {
-            let e = frac.leading_zeros() - 21;
-            sign | ((127 - 15 - e) << 23) | ((frac << (e + 1)) & 0x3ff) << 13
-        }
-        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
+    if exp == 0 {
+        // Zero and subnormals: frac · 2^-24.
+        let v = frac as f32 * f32::powi(2.0, -24);
+        return if sign != 0 { -v } else { v };
+    }
+    let bits = match exp {
+        0x1f => sign | 0x7f80_0000 | (frac << 13),
         _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
     };
     f32::from_bits(bits)
@@ -285,7 +301,11 @@ mod tests {
     fn wrong_element_count_is_an_error() {
         assert!(matches!(
             Tensor::new(&[2, 3], &[1f32; 5]),
-            Err(RuntimeError::TensorSize { expected: 6, got: 5, .. })
+            Err(RuntimeError::TensorSize {
+                expected: 6,
+                got: 5,
+                ..
+            })
         ));
     }
 

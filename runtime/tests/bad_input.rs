@@ -14,7 +14,10 @@ fn value_info(name: &str, elem_type: i32, dims: &[i64]) -> pb::ValueInfoProto {
                 shape: Some(pb::TensorShapeProto {
                     dim: dims
                         .iter()
-                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
+                        .map(|&d| Dimension {
+                            value: Some(Value::DimValue(d)),
+                            ..Default::default()
+                        })
                         .collect(),
                 }),
             })),
@@ -29,7 +32,11 @@ fn model_bytes(ops: &[&str]) -> Vec<u8> {
     let mut nodes = Vec::new();
     let mut prev = "a".to_string();
     for (i, op) in ops.iter().enumerate() {
-        let out = if i + 1 == ops.len() { "y".to_string() } else { format!("t{i}") };
+        let out = if i + 1 == ops.len() {
+            "y".to_string()
+        } else {
+            format!("t{i}")
+        };
         nodes.push(pb::NodeProto {
             op_type: op.to_string(),
             input: vec![prev.clone(), "b".into()],
@@ -41,7 +48,10 @@ fn model_bytes(ops: &[&str]) -> Vec<u8> {
     }
     let model = pb::ModelProto {
         ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
         graph: Some(pb::GraphProto {
             name: "g".into(),
             node: nodes,
@@ -64,7 +74,9 @@ fn t(shape: &[usize], v: f32) -> Tensor {
 
 #[test]
 fn a_valid_tiny_model_runs() {
-    let out = add_model().run(&[t(&[2, 3], 1.0), t(&[2, 3], 2.0)]).expect("runs");
+    let out = add_model()
+        .run(&[t(&[2, 3], 1.0), t(&[2, 3], 2.0)])
+        .expect("runs");
     assert_eq!(out[0].as_f32(), Some(vec![3.0; 6]));
 }
 
@@ -91,12 +103,19 @@ fn random_bytes_are_not_onnx() {
 
 #[test]
 fn truncated_models_are_rejected_at_every_cut() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/zoo/ppocr_cls/model.onnx");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/zoo/ppocr_cls/model.onnx"
+    );
     let bytes = std::fs::read(path).expect("committed zoo model");
     for cut in [1, 100, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
-        let err = Model::from_bytes(&bytes[..cut], &ModelOptions::default()).expect_err("truncated");
+        let err =
+            Model::from_bytes(&bytes[..cut], &ModelOptions::default()).expect_err("truncated");
         assert!(
-            matches!(err, RuntimeError::NotOnnx(_) | RuntimeError::InvalidModel(_) | RuntimeError::Backend(_)),
+            matches!(
+                err,
+                RuntimeError::NotOnnx(_) | RuntimeError::InvalidModel(_) | RuntimeError::Backend(_)
+            ),
             "cut at {cut}: {err}"
         );
     }
@@ -104,11 +123,20 @@ fn truncated_models_are_rejected_at_every_cut() {
 
 #[test]
 fn every_unknown_op_is_named_at_once() {
-    let err = Model::from_bytes(&model_bytes(&["Add", "FrobnicateX", "Sub", "WarpDriveY"]), &ModelOptions::default())
-        .expect_err("unknown ops");
+    let err = Model::from_bytes(
+        &model_bytes(&["Add", "FrobnicateX", "Sub", "WarpDriveY"]),
+        &ModelOptions::default(),
+    )
+    .expect_err("unknown ops");
     match &err {
         RuntimeError::UnsupportedOps(ops) => {
-            assert_eq!(ops, &["FrobnicateX (ai.onnx)".to_string(), "WarpDriveY (ai.onnx)".to_string()]);
+            assert_eq!(
+                ops,
+                &[
+                    "FrobnicateX (ai.onnx)".to_string(),
+                    "WarpDriveY (ai.onnx)".to_string()
+                ]
+            );
         }
         other => panic!("expected UnsupportedOps, got {other}"),
     }
@@ -117,28 +145,48 @@ fn every_unknown_op_is_named_at_once() {
 
 #[test]
 fn a_missing_file_is_an_io_error() {
-    let err = Model::load("/nonexistent/model.onnx", &ModelOptions::default()).expect_err("missing");
+    let err =
+        Model::load("/nonexistent/model.onnx", &ModelOptions::default()).expect_err("missing");
     assert!(matches!(err, RuntimeError::Io { .. }), "{err}");
 }
 
 #[test]
 fn wrong_input_count_is_rejected() {
     let err = add_model().run(&[t(&[2, 3], 1.0)]).expect_err("one input");
-    assert!(matches!(err, RuntimeError::InputCount { expected: 2, got: 1 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RuntimeError::InputCount {
+                expected: 2,
+                got: 1
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn wrong_shape_is_rejected() {
-    let err = add_model().run(&[t(&[2, 3], 1.0), t(&[3, 2], 1.0)]).expect_err("shape");
-    assert!(matches!(&err, RuntimeError::InputShape { name, .. } if name == "b"), "{err}");
+    let err = add_model()
+        .run(&[t(&[2, 3], 1.0), t(&[3, 2], 1.0)])
+        .expect_err("shape");
+    assert!(
+        matches!(&err, RuntimeError::InputShape { name, .. } if name == "b"),
+        "{err}"
+    );
     assert!(err.to_string().contains("[2, 3]"), "{err}");
 }
 
 #[test]
 fn wrong_dtype_is_rejected() {
     let ints = Tensor::new(&[2, 3], &[1i64; 6]).expect("tensor");
-    let err = add_model().run(&[t(&[2, 3], 1.0), ints]).expect_err("dtype");
-    assert!(matches!(&err, RuntimeError::InputDtype { expected, got, .. } if expected == "float32" && got == "int64"), "{err}");
+    let err = add_model()
+        .run(&[t(&[2, 3], 1.0), ints])
+        .expect_err("dtype");
+    assert!(
+        matches!(&err, RuntimeError::InputDtype { expected, got, .. } if expected == "float32" && got == "int64"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -146,10 +194,25 @@ fn non_finite_input_is_rejected_unless_allowed() {
     let mut v = vec![1.0f32; 6];
     v[4] = f32::NAN;
     let nan = Tensor::new(&[2, 3], &v).expect("tensor");
-    let err = add_model().run(&[t(&[2, 3], 1.0), nan.clone()]).expect_err("nan");
-    assert!(matches!(&err, RuntimeError::NonFinite { count: 1, first: 4, .. }), "{err}");
-    let lenient = Model::from_bytes(&model_bytes(&["Add"]), &ModelOptions::default().allow_non_finite(true))
-        .expect("loads");
+    let err = add_model()
+        .run(&[t(&[2, 3], 1.0), nan.clone()])
+        .expect_err("nan");
+    assert!(
+        matches!(
+            &err,
+            RuntimeError::NonFinite {
+                count: 1,
+                first: 4,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let lenient = Model::from_bytes(
+        &model_bytes(&["Add"]),
+        &ModelOptions::default().allow_non_finite(true),
+    )
+    .expect("loads");
     let out = lenient.run(&[t(&[2, 3], 1.0), nan]).expect("runs");
     assert!(out[0].as_f32().expect("f32")[4].is_nan());
 }
@@ -160,13 +223,19 @@ fn unknown_backend_and_unavailable_gpu_are_errors() {
     let err = Model::from_bytes(&bytes, &ModelOptions::default().backend("tpu")).expect_err("tpu");
     assert!(matches!(err, RuntimeError::UnknownBackend(_)), "{err}");
     let err = Model::from_bytes(&bytes, &ModelOptions::default().backend("gpu")).expect_err("gpu");
-    assert!(matches!(err, RuntimeError::BackendUnavailable { .. }), "{err}");
+    assert!(
+        matches!(err, RuntimeError::BackendUnavailable { .. }),
+        "{err}"
+    );
 }
 
 #[test]
 fn run_named_rejects_unknown_names() {
     let err = add_model()
-        .run_named(&[("a".into(), t(&[2, 3], 1.0)), ("zzz".into(), t(&[2, 3], 1.0))])
+        .run_named(&[
+            ("a".into(), t(&[2, 3], 1.0)),
+            ("zzz".into(), t(&[2, 3], 1.0)),
+        ])
         .expect_err("unknown");
     assert!(matches!(err, RuntimeError::UnknownInput(n) if n == "zzz"));
 }

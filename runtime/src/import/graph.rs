@@ -19,10 +19,22 @@ pub(crate) fn load(t: &TensorProto) -> Option<TractTensor> {
 
 /// Constants of a graph by name: initializers and `Constant` nodes with a `value` tensor.
 pub(crate) fn constants(g: &GraphProto) -> HashMap<String, TensorProto> {
-    let mut out: HashMap<String, TensorProto> =
-        g.initializer.iter().map(|t| (t.name.clone(), t.clone())).collect();
-    for n in g.node.iter().filter(|n| n.op_type == "Constant" && n.output.len() == 1) {
-        if let Some(t) = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.clone()) {
+    let mut out: HashMap<String, TensorProto> = g
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.clone()))
+        .collect();
+    for n in g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Constant" && n.output.len() == 1)
+    {
+        if let Some(t) = n
+            .attribute
+            .iter()
+            .find(|a| a.name == "value")
+            .and_then(|a| a.t.clone())
+        {
             out.insert(n.output[0].clone(), t);
         }
     }
@@ -57,7 +69,11 @@ pub(crate) fn consumers(g: &GraphProto) -> HashMap<String, Vec<usize>> {
 }
 
 fn outer_names_used(g: &GraphProto) -> Vec<String> {
-    let mut names: Vec<String> = g.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
+    let mut names: Vec<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .collect();
     for n in &g.node {
         for sub in n.attribute.iter().filter_map(|a| a.g.as_ref()) {
             names.extend(outer_names_used(sub));
@@ -129,11 +145,21 @@ pub(crate) fn raw_tensor(name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>)
 }
 
 pub(crate) fn f32_tensor(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
-    raw_tensor(name, FLOAT, dims, data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    raw_tensor(
+        name,
+        FLOAT,
+        dims,
+        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
 }
 
 pub(crate) fn i32_tensor(name: &str, dims: &[i64], data: &[i32]) -> TensorProto {
-    raw_tensor(name, INT32, dims, data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    raw_tensor(
+        name,
+        INT32,
+        dims,
+        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
 }
 
 /// A scalar zero point of the given ONNX integer type.
@@ -157,5 +183,7 @@ pub(crate) fn onnx_type(dt: DatumType) -> Option<i32> {
 pub(crate) fn const_f32(consts: &HashMap<String, TensorProto>, name: &str) -> Option<Vec<f32>> {
     let t = load(consts.get(name)?)?;
     let t = t.cast_to::<f32>().ok()?;
-    t.try_as_plain_ram().and_then(|v| v.as_slice::<f32>().map(|s| s.to_vec())).ok()
+    t.try_as_plain_ram()
+        .and_then(|v| v.as_slice::<f32>().map(|s| s.to_vec()))
+        .ok()
 }

@@ -8,8 +8,8 @@
 //! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
 //!   wrong rewritten into exact float arithmetic.
 
-pub(crate) mod graph;
 mod fold;
+pub(crate) mod graph;
 mod msft;
 mod qdq;
 mod shapes;
@@ -40,10 +40,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ModelProto> {
         .as_ref()
         .ok_or_else(|| RuntimeError::NotOnnx("no graph in the file".into()))?;
     if proto.ir_version <= 0 || proto.opset_import.is_empty() {
-        return Err(RuntimeError::NotOnnx("no IR version or opset import".into()));
+        return Err(RuntimeError::NotOnnx(
+            "no IR version or opset import".into(),
+        ));
     }
     if graph.output.is_empty() {
-        return Err(RuntimeError::InvalidModel("the graph has no outputs".into()));
+        return Err(RuntimeError::InvalidModel(
+            "the graph has no outputs".into(),
+        ));
     }
     Ok(proto)
 }
@@ -51,12 +55,18 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ModelProto> {
 pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
     let mut proto = decode(bytes)?;
     let mut report = Vec::new();
-    let graph = proto.graph.as_mut().ok_or_else(|| RuntimeError::NotOnnx("no graph".into()))?;
+    let graph = proto
+        .graph
+        .as_mut()
+        .ok_or_else(|| RuntimeError::NotOnnx("no graph".into()))?;
     shapes::bake_constants(graph, &opts.constants, &mut report)?;
     shapes::resolve_dims(graph, opts, &mut report);
     if opts.rewrites {
         msft::decompose(graph, &mut report);
-        qdq::rewrite(graph, &mut report);
+        if !opts.integer_kernels {
+            msft::dequantize_integer_ops(graph, &mut report);
+        }
+        qdq::rewrite(graph, opts.integer_kernels, &mut report);
     }
     fold::fold_ifs(&mut proto, &mut report);
     check_ops(&proto)?;
@@ -66,6 +76,30 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
     Ok(Imported { proto, report })
 }
 
+/// `proto` with `constants` baked in and the `If`s they decide folded: a plan specialised to
+/// the values of control inputs (silero VAD's sample rate).
+pub(crate) fn specialize(
+    proto: &ModelProto,
+    constants: &std::collections::BTreeMap<String, crate::tensor::Tensor>,
+) -> Result<ModelProto> {
+    let mut proto = proto.clone();
+    let mut report = Vec::new();
+    if let Some(g) = proto.graph.as_mut() {
+        shapes::bake_constants(g, constants, &mut report)?;
+    }
+    fold::fold_ifs(&mut proto, &mut report);
+    Ok(proto)
+}
+
+/// Whether the top-level graph still has `If` nodes.
+pub(crate) fn has_if(proto: &ModelProto) -> bool {
+    proto
+        .graph
+        .iter()
+        .flat_map(|g| &g.node)
+        .any(|n| n.op_type == "If")
+}
+
 /// Every op type no backend implements, named all at once.
 fn check_ops(proto: &ModelProto) -> Result<()> {
     let known = tract_onnx::onnx().op_register.0;
@@ -73,7 +107,11 @@ fn check_ops(proto: &ModelProto) -> Result<()> {
     if let Some(g) = &proto.graph {
         collect_unknown(g, &known, &mut missing);
     }
-    if missing.is_empty() { Ok(()) } else { Err(RuntimeError::UnsupportedOps(missing.into_iter().collect())) }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(RuntimeError::UnsupportedOps(missing.into_iter().collect()))
+    }
 }
 
 fn collect_unknown<V>(
@@ -83,7 +121,11 @@ fn collect_unknown<V>(
 ) {
     for n in &g.node {
         if !known.contains_key(&n.op_type) {
-            let domain = if n.domain.is_empty() { "ai.onnx" } else { &n.domain };
+            let domain = if n.domain.is_empty() {
+                "ai.onnx"
+            } else {
+                &n.domain
+            };
             out.insert(format!("{} ({domain})", n.op_type));
         }
         for sub in n.attribute.iter().filter_map(|a| a.g.as_ref()) {

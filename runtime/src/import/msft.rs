@@ -20,24 +20,56 @@ pub(super) fn decompose(g: &mut GraphProto, report: &mut Vec<String>) {
     }
     g.node = out;
     for (op, c) in counts {
-        report.push(format!("decomposed {c} {op} (com.microsoft) into standard ops"));
+        report.push(format!(
+            "decomposed {c} {op} (com.microsoft) into standard ops"
+        ));
     }
 }
 
 /// `DequantizeLinear(x, s, zp) → tmp`.
 fn dq(n: &NodeProto, k: usize, x: &str, s: &str, zp: &str) -> (NodeProto, String) {
+    dq_axis(n, k, x, s, zp, None)
+}
+
+/// As `dq`, with an explicit axis for per-channel scales.
+fn dq_axis(
+    n: &NodeProto,
+    k: usize,
+    x: &str,
+    s: &str,
+    zp: &str,
+    axis: Option<i64>,
+) -> (NodeProto, String) {
     let out = tmp(n, &format!("dq{k}"));
-    let inputs: Vec<&str> = if zp.is_empty() { vec![x, s] } else { vec![x, s, zp] };
-    (node("DequantizeLinear", out.clone(), &inputs, &[&out], vec![]), out)
+    let inputs: Vec<&str> = if zp.is_empty() {
+        vec![x, s]
+    } else {
+        vec![x, s, zp]
+    };
+    let attrs = axis.map(|a| vec![int_attr("axis", a)]).unwrap_or_default();
+    (
+        node("DequantizeLinear", out.clone(), &inputs, &[&out], attrs),
+        out,
+    )
 }
 
 fn q(n: &NodeProto, x: &str, s: &str, zp: &str) -> NodeProto {
-    let inputs: Vec<&str> = if zp.is_empty() { vec![x, s] } else { vec![x, s, zp] };
-    node("QuantizeLinear", tmp(n, "q"), &inputs, &[&n.output[0]], vec![])
+    let inputs: Vec<&str> = if zp.is_empty() {
+        vec![x, s]
+    } else {
+        vec![x, s, zp]
+    };
+    node(
+        "QuantizeLinear",
+        tmp(n, "q"),
+        &inputs,
+        &[&n.output[0]],
+        vec![],
+    )
 }
 
 fn tmp(n: &NodeProto, what: &str) -> String {
-    format!("{}__fedge_{what}", n.output[0])
+    format!("{}__fedge_ms_{what}", n.output[0])
 }
 
 fn input(n: &NodeProto, i: usize) -> &str {
@@ -48,7 +80,11 @@ fn input(n: &NodeProto, i: usize) -> &str {
 fn unary(n: &NodeProto, op: &str, attrs: Vec<AttributeProto>) -> Vec<NodeProto> {
     let (d, x) = dq(n, 0, input(n, 0), input(n, 1), input(n, 2));
     let y = tmp(n, "f");
-    vec![d, node(op, tmp(n, op), &[&x], &[&y], attrs), q(n, &y, input(n, 3), input(n, 4))]
+    vec![
+        d,
+        node(op, tmp(n, op), &[&x], &[&y], attrs),
+        q(n, &y, input(n, 3), input(n, 4)),
+    ]
 }
 
 /// `DQ(a), DQ(b) → op → Q` for QLinearAdd / QLinearMul: (A, As, Azp, B, Bs, Bzp, Cs, Czp).
@@ -56,14 +92,25 @@ fn binary(n: &NodeProto, op: &str) -> Vec<NodeProto> {
     let (da, a) = dq(n, 0, input(n, 0), input(n, 1), input(n, 2));
     let (db, b) = dq(n, 1, input(n, 3), input(n, 4), input(n, 5));
     let y = tmp(n, "f");
-    vec![da, db, node(op, tmp(n, op), &[&a, &b], &[&y], vec![]), q(n, &y, input(n, 6), input(n, 7))]
+    vec![
+        da,
+        db,
+        node(op, tmp(n, op), &[&a, &b], &[&y], vec![]),
+        q(n, &y, input(n, 6), input(n, 7)),
+    ]
 }
 
 fn concat(n: &NodeProto) -> Vec<NodeProto> {
     let mut nodes = Vec::new();
     let mut parts = Vec::new();
     for (k, triple) in n.input[2..].chunks(3).enumerate() {
-        let (d, x) = dq(n, k, &triple[0], &triple[1], triple.get(2).map_or("", |s| s));
+        let (d, x) = dq(
+            n,
+            k,
+            &triple[0],
+            &triple[1],
+            triple.get(2).map_or("", |s| s),
+        );
         nodes.push(d);
         parts.push(x);
     }
@@ -78,13 +125,25 @@ fn concat(n: &NodeProto) -> Vec<NodeProto> {
 /// QGemm: (A, As, Azp, B, Bs, Bzp, C?, Ys?, Yzp?); C is int32 with scale As·Bs.
 fn qgemm(n: &NodeProto) -> Vec<NodeProto> {
     let (da, a) = dq(n, 0, input(n, 0), input(n, 1), input(n, 2));
-    let (db, b) = dq(n, 1, input(n, 3), input(n, 4), input(n, 5));
+    // Per-column weight scales sit on axis 0 of a transposed B, on axis 1 otherwise.
+    let b_axis = if attr_i(n, "transB").unwrap_or(0) != 0 {
+        0
+    } else {
+        1
+    };
+    let (db, b) = dq_axis(n, 1, input(n, 3), input(n, 4), input(n, 5), Some(b_axis));
     let mut nodes = vec![da, db];
     let mut gemm_in = vec![a, b];
     if !input(n, 6).is_empty() {
         let scale = tmp(n, "cscale");
-        nodes.push(node("Mul", scale.clone(), &[input(n, 1), input(n, 4)], &[&scale], vec![]));
-        let (dc, c) = dq(n, 2, input(n, 6), &scale, "");
+        nodes.push(node(
+            "Mul",
+            scale.clone(),
+            &[input(n, 1), input(n, 4)],
+            &[&scale],
+            vec![],
+        ));
+        let (dc, c) = dq_axis(n, 2, input(n, 6), &scale, "", Some(0));
         nodes.push(dc);
         gemm_in.push(c);
     }
@@ -94,7 +153,11 @@ fn qgemm(n: &NodeProto) -> Vec<NodeProto> {
         .chain(attr_f(n, "alpha").map(|v| float_attr("alpha", v)))
         .collect();
     let quantized = !input(n, 7).is_empty();
-    let y = if quantized { tmp(n, "f") } else { n.output[0].clone() };
+    let y = if quantized {
+        tmp(n, "f")
+    } else {
+        n.output[0].clone()
+    };
     let gin: Vec<&str> = gemm_in.iter().map(String::as_str).collect();
     nodes.push(node("Gemm", tmp(n, "Gemm"), &gin, &[&y], attrs));
     if quantized {
@@ -108,28 +171,118 @@ fn expand(n: &NodeProto) -> Option<Vec<NodeProto>> {
         return None;
     }
     let keep = |names: &[&str]| -> Vec<AttributeProto> {
-        n.attribute.iter().filter(|a| names.contains(&a.name.as_str())).cloned().collect()
+        n.attribute
+            .iter()
+            .filter(|a| names.contains(&a.name.as_str()))
+            .cloned()
+            .collect()
     };
     let channels_last = attr_i(n, "channels_last").unwrap_or(0) != 0;
     Some(match n.op_type.as_str() {
         "QuantizeLinear" | "DequantizeLinear" => {
-            vec![NodeProto { domain: String::new(), ..n.clone() }]
+            vec![NodeProto {
+                domain: String::new(),
+                ..n.clone()
+            }]
         }
         "QLinearAdd" => binary(n, "Add"),
         "QLinearMul" => binary(n, "Mul"),
         "QLinearSigmoid" => unary(n, "Sigmoid", vec![]),
-        "QLinearLeakyRelu" => {
-            unary(n, "LeakyRelu", vec![float_attr("alpha", attr_f(n, "alpha").unwrap_or(0.01))])
-        }
+        "QLinearLeakyRelu" => unary(
+            n,
+            "LeakyRelu",
+            vec![float_attr("alpha", attr_f(n, "alpha").unwrap_or(0.01))],
+        ),
         "QLinearSoftmax" => unary(n, "Softmax", keep(&["axis"])),
         "QLinearGlobalAveragePool" if !channels_last => unary(n, "GlobalAveragePool", vec![]),
         "QLinearAveragePool" if !channels_last => unary(
             n,
             "AveragePool",
-            keep(&["auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides"]),
+            keep(&[
+                "auto_pad",
+                "ceil_mode",
+                "count_include_pad",
+                "kernel_shape",
+                "pads",
+                "strides",
+            ]),
         ),
         "QLinearConcat" if n.input.len() >= 5 => concat(n),
         "QGemm" if n.input.len() >= 6 => qgemm(n),
         _ => return None,
     })
+}
+
+/// `QLinearConv` and `QLinearMatMul` as `DequantizeLinear → Conv/MatMul → QuantizeLinear`:
+/// the same arithmetic on tract's float kernels, which measured far faster than its int8 ones.
+pub(super) fn dequantize_integer_ops(g: &mut GraphProto, report: &mut Vec<String>) {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    let mut out = Vec::with_capacity(g.node.len());
+    for n in std::mem::take(&mut g.node) {
+        let expanded = match n.op_type.as_str() {
+            "QLinearConv" if n.input.len() >= 8 && n.domain.is_empty() => Some(qlinear_conv(&n)),
+            "QLinearMatMul" if n.input.len() == 8 && n.domain.is_empty() => {
+                Some(qlinear_matmul(&n))
+            }
+            _ => None,
+        };
+        match expanded {
+            Some(nodes) => {
+                *counts.entry(n.op_type.clone()).or_default() += 1;
+                out.extend(nodes);
+            }
+            None => out.push(n),
+        }
+    }
+    g.node = out;
+    for (op, c) in counts {
+        report.push(format!(
+            "ran {c} {op} as float kernels between exact quantize steps"
+        ));
+    }
+}
+
+/// QLinearConv: (x, xs, xzp, w, ws, wzp, ys, yzp, B?); B is int32 with scale xs·ws, per channel.
+fn qlinear_conv(n: &NodeProto) -> Vec<NodeProto> {
+    let (dx, x) = dq(n, 0, input(n, 0), input(n, 1), input(n, 2));
+    let (dw, w) = dq_axis(n, 1, input(n, 3), input(n, 4), input(n, 5), Some(0));
+    let mut nodes = vec![dx, dw];
+    let mut conv_in = vec![x, w];
+    if !input(n, 8).is_empty() {
+        let scale = tmp(n, "bscale");
+        nodes.push(node(
+            "Mul",
+            scale.clone(),
+            &[input(n, 1), input(n, 4)],
+            &[&scale],
+            vec![],
+        ));
+        let (db, b) = dq_axis(n, 2, input(n, 8), &scale, "", Some(0));
+        nodes.push(db);
+        conv_in.push(b);
+    }
+    let y = tmp(n, "f");
+    let cin: Vec<&str> = conv_in.iter().map(String::as_str).collect();
+    nodes.push(node(
+        "Conv",
+        tmp(n, "Conv"),
+        &cin,
+        &[&y],
+        n.attribute.clone(),
+    ));
+    nodes.push(q(n, &y, input(n, 6), input(n, 7)));
+    nodes
+}
+
+/// QLinearMatMul: (a, as, azp, b, bs, bzp, ys, yzp); per-column scales of b on its last axis.
+fn qlinear_matmul(n: &NodeProto) -> Vec<NodeProto> {
+    let (da, a) = dq(n, 0, input(n, 0), input(n, 1), input(n, 2));
+    let (db, b) = dq_axis(n, 1, input(n, 3), input(n, 4), input(n, 5), Some(-1));
+    let y = tmp(n, "f");
+    vec![
+        da,
+        db,
+        node("MatMul", tmp(n, "MatMul"), &[&a, &b], &[&y], vec![]),
+        q(n, &y, input(n, 6), input(n, 7)),
+    ]
 }

@@ -1,4 +1,5 @@
-//! QDQ-format rewrites.
+//! QDQ-format rewrites. The integer-kernel ones run only with
+//! `ModelOptions::integer_kernels` (tract 0.23.9's int8 kernels measured slower than float).
 //!
 //! - `DQ → Conv → Q` becomes `QLinearConv` and `DQ → MatMul → Q` becomes `QLinearMatMul`:
 //!   tract runs those as integer kernels (i32 accumulation, requantisation), while it runs the
@@ -31,18 +32,25 @@ struct Dq {
     axis: i64,
 }
 
-pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
+pub(super) fn rewrite(g: &mut GraphProto, integer_kernels: bool, report: &mut Vec<String>) {
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
-    let ctx = Ctx { consts: constants(g), prod: producers(g), cons: consumers(g) };
+    let ctx = Ctx {
+        consts: constants(g),
+        prod: producers(g),
+        cons: consumers(g),
+    };
     let mut removed = HashSet::new();
     let mut replaced: Vec<(usize, Vec<NodeProto>)> = Vec::new();
     let mut new_inits = Vec::new();
     for (i, n) in g.node.iter().enumerate() {
         let done = match n.op_type.as_str() {
+            "Conv" | "MatMul" | "Gemm" if !integer_kernels => None,
             "Conv" => conv(g, &ctx, n, &mut new_inits).map(|r| ("QDQ Conv → QLinearConv", r)),
             "MatMul" => matmul(g, &ctx, n).map(|r| ("QDQ MatMul → QLinearMatMul", r)),
             "Gemm" => gemm(g, &ctx, n, &mut new_inits).map(|r| ("QDQ Gemm → MatMulInteger", r)),
-            "Softmax" => softmax(g, &ctx, n, &mut new_inits).map(|r| ("Softmax → Q → DQ in float", r)),
+            "Softmax" => {
+                softmax(g, &ctx, n, &mut new_inits).map(|r| ("Softmax → Q → DQ in float", r))
+            }
             _ => None,
         };
         if let Some((what, (nodes, gone))) = done {
@@ -79,7 +87,12 @@ fn dq_of(g: &GraphProto, ctx: &Ctx, tensor: &str) -> Option<Dq> {
     if let Some(z) = &zp {
         ctx.consts.get(z)?;
     }
-    Some(Dq { x: n.input[0].clone(), scale: n.input[1].clone(), zp, axis: attr_i(n, "axis").unwrap_or(1) })
+    Some(Dq {
+        x: n.input[0].clone(),
+        scale: n.input[1].clone(),
+        zp,
+        axis: attr_i(n, "axis").unwrap_or(1),
+    })
 }
 
 /// The only reader of `tensor`, when it is a `QuantizeLinear` with a constant scale and zero point.
@@ -88,7 +101,9 @@ fn single_q(g: &GraphProto, ctx: &Ctx, tensor: &str) -> Option<usize> {
         return None;
     }
     let readers = ctx.cons.get(tensor)?;
-    let &[q] = readers.as_slice() else { return None };
+    let &[q] = readers.as_slice() else {
+        return None;
+    };
     let n = &g.node[q];
     let ok = n.op_type == "QuantizeLinear"
         && n.input.len() == 3
@@ -117,14 +132,26 @@ fn int32_bias(g: &GraphProto, ctx: &Ctx, bias: &str, xs: f32, ws: &[f32]) -> Opt
         Some(d) => {
             let q = const_f32(&ctx.consts, &d.x)?;
             let s = const_f32(&ctx.consts, &d.scale)?;
-            let z = d.zp.as_ref().and_then(|z| const_f32(&ctx.consts, z)).unwrap_or(vec![0.0]);
+            let z =
+                d.zp.as_ref()
+                    .and_then(|z| const_f32(&ctx.consts, z))
+                    .unwrap_or(vec![0.0]);
             let pick = |v: &[f32], i: usize| if v.len() == 1 { v[0] } else { v[i] };
-            q.iter().enumerate().map(|(i, &v)| (v - pick(&z, i)) * pick(&s, i)).collect()
+            q.iter()
+                .enumerate()
+                .map(|(i, &v)| (v - pick(&z, i)) * pick(&s, i))
+                .collect()
         }
         None => const_f32(&ctx.consts, bias)?,
     };
     let scale = |c: usize| xs * if ws.len() == 1 { ws[0] } else { ws[c] };
-    Some(values.iter().enumerate().map(|(c, &b)| (b / scale(c)).round_ties_even() as i32).collect())
+    Some(
+        values
+            .iter()
+            .enumerate()
+            .map(|(c, &b)| (b / scale(c)).round_ties_even() as i32)
+            .collect(),
+    )
 }
 
 type Rewrite = (Vec<NodeProto>, Vec<usize>);
@@ -143,8 +170,14 @@ fn conv(g: &GraphProto, ctx: &Ctx, n: &NodeProto, inits: &mut Vec<TensorProto>) 
     let out = &n.output[0];
     let wzp = zp_or_zero(ctx, &w, &format!("{out}__fedge_wzp"), inits)?;
     let mut inputs = vec![
-        x.x.clone(), x.scale.clone(), x.zp.clone()?, w.x.clone(), w.scale.clone(), wzp,
-        qn.input[1].clone(), qn.input[2].clone(),
+        x.x.clone(),
+        x.scale.clone(),
+        x.zp.clone()?,
+        w.x.clone(),
+        w.scale.clone(),
+        wzp,
+        qn.input[1].clone(),
+        qn.input[2].clone(),
     ];
     if let Some(b) = n.input.get(2).filter(|s| !s.is_empty()) {
         let bias = int32_bias(g, ctx, b, xs[0], &ws)?;
@@ -153,7 +186,13 @@ fn conv(g: &GraphProto, ctx: &Ctx, n: &NodeProto, inits: &mut Vec<TensorProto>) 
         inputs.push(name);
     }
     let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-    let new = node("QLinearConv", format!("{}__fedge_qconv", n.name), &inputs, &[&qn.output[0]], n.attribute.clone());
+    let new = node(
+        "QLinearConv",
+        format!("{}__fedge_qconv", n.name),
+        &inputs,
+        &[&qn.output[0]],
+        n.attribute.clone(),
+    );
     Some((vec![new], vec![q]))
 }
 
@@ -168,16 +207,34 @@ fn matmul(g: &GraphProto, ctx: &Ctx, n: &NodeProto) -> Option<Rewrite> {
     }
     let q = single_q(g, ctx, &n.output[0])?;
     let qn = &g.node[q];
-    let inputs = [&a.x, &a.scale, &azp, &b.x, &b.scale, &bzp, &qn.input[1], &qn.input[2]];
+    let inputs = [
+        &a.x,
+        &a.scale,
+        &azp,
+        &b.x,
+        &b.scale,
+        &bzp,
+        &qn.input[1],
+        &qn.input[2],
+    ];
     let inputs: Vec<&str> = inputs.iter().map(|s| s.as_str()).collect();
-    let new = node("QLinearMatMul", format!("{}__fedge_qmm", n.name), &inputs, &[&qn.output[0]], vec![]);
+    let new = node(
+        "QLinearMatMul",
+        format!("{}__fedge_qmm", n.name),
+        &inputs,
+        &[&qn.output[0]],
+        vec![],
+    );
     Some((vec![new], vec![q]))
 }
 
 /// `DQ(x) · DQ(W)ᵀ + b → Q` as MatMulInteger, int32 bias, scale and QuantizeLinear.
 fn gemm(g: &GraphProto, ctx: &Ctx, n: &NodeProto, inits: &mut Vec<TensorProto>) -> Option<Rewrite> {
     let plain = attr_i(n, "transA").unwrap_or(0) == 0
-        && n.attribute.iter().filter(|a| a.name == "alpha" || a.name == "beta").all(|a| a.f == 1.0);
+        && n.attribute
+            .iter()
+            .filter(|a| a.name == "alpha" || a.name == "beta")
+            .all(|a| a.f == 1.0);
     let x = dq_of(g, ctx, n.input.first()?)?;
     let w = dq_of(g, ctx, n.input.get(1)?)?;
     let xs = const_f32(&ctx.consts, &x.scale)?;
@@ -191,25 +248,64 @@ fn gemm(g: &GraphProto, ctx: &Ctx, n: &NodeProto, inits: &mut Vec<TensorProto>) 
     let qn = &g.node[q];
     let out = n.output[0].clone();
     let wt = load(ctx.consts.get(&w.x)?)?;
-    let wt = if trans_b { wt.move_axis(1, 0).ok()? } else { wt };
+    let wt = if trans_b {
+        wt.move_axis(1, 0).ok()?
+    } else {
+        wt
+    };
     let dims: Vec<i64> = wt.shape().iter().map(|&d| d as i64).collect();
     let wname = format!("{out}__fedge_wq");
-    inits.push(super::graph::raw_tensor(&wname, const_type(ctx, &w.x)?, &dims, raw_bytes(&wt)?));
+    inits.push(super::graph::raw_tensor(
+        &wname,
+        const_type(ctx, &w.x)?,
+        &dims,
+        raw_bytes(&wt)?,
+    ));
     let wzp = zp_or_zero(ctx, &w, &format!("{out}__fedge_wzp"), inits)?;
-    let t = |s: &str| format!("{out}__fedge_{s}");
+    let t = |s: &str| format!("{out}__fedge_gemm_{s}");
     let scale: Vec<f32> = ws.iter().map(|s| s * xs[0]).collect();
     inits.push(f32_tensor(&t("scale"), &[scale.len() as i64], &scale));
-    let mut nodes = vec![node("MatMulInteger", t("mmi"), &[&x.x, &wname, x.zp.as_deref()?, &wzp], &[&t("acc")], vec![])];
+    let mut nodes = vec![node(
+        "MatMulInteger",
+        t("mmi"),
+        &[&x.x, &wname, x.zp.as_deref()?, &wzp],
+        &[&t("acc")],
+        vec![],
+    )];
     let mut acc = t("acc");
     if let Some(b) = n.input.get(2).filter(|s| !s.is_empty()) {
         let bias = int32_bias(g, ctx, b, xs[0], &ws)?;
         inits.push(i32_tensor(&t("bias"), &[bias.len() as i64], &bias));
-        nodes.push(node("Add", t("addb"), &[&acc, &t("bias")], &[&t("accb")], vec![]));
+        nodes.push(node(
+            "Add",
+            t("addb"),
+            &[&acc, &t("bias")],
+            &[&t("accb")],
+            vec![],
+        ));
         acc = t("accb");
     }
-    nodes.push(node("Cast", t("cast"), &[&acc], &[&t("accf")], vec![int_attr("to", FLOAT as i64)]));
-    nodes.push(node("Mul", t("mul"), &[&t("accf"), &t("scale")], &[&t("yf")], vec![]));
-    nodes.push(node("QuantizeLinear", t("q"), &[&t("yf"), &qn.input[1], &qn.input[2]], &[&qn.output[0]], vec![]));
+    nodes.push(node(
+        "Cast",
+        t("cast"),
+        &[&acc],
+        &[&t("accf")],
+        vec![int_attr("to", FLOAT as i64)],
+    ));
+    nodes.push(node(
+        "Mul",
+        t("mul"),
+        &[&t("accf"), &t("scale")],
+        &[&t("yf")],
+        vec![],
+    ));
+    nodes.push(node(
+        "QuantizeLinear",
+        t("q"),
+        &[&t("yf"), &qn.input[1], &qn.input[2]],
+        &[&qn.output[0]],
+        vec![],
+    ));
     Some((nodes, vec![q]))
 }
 
@@ -218,12 +314,19 @@ fn raw_bytes(t: &tract_onnx::prelude::Tensor) -> Option<Vec<u8>> {
 }
 
 /// `Softmax → Q → DQ…` with the `Q → DQ` pair as exact float arithmetic.
-fn softmax(g: &GraphProto, ctx: &Ctx, n: &NodeProto, inits: &mut Vec<TensorProto>) -> Option<Rewrite> {
+fn softmax(
+    g: &GraphProto,
+    ctx: &Ctx,
+    n: &NodeProto,
+    inits: &mut Vec<TensorProto>,
+) -> Option<Rewrite> {
     let q = single_q(g, ctx, &n.output[0])?;
     let qn = &g.node[q];
     let readers = ctx.cons.get(&qn.output[0])?;
     if is_graph_output(g, &qn.output[0])
-        || readers.iter().any(|&r| g.node[r].op_type != "DequantizeLinear")
+        || readers
+            .iter()
+            .any(|&r| g.node[r].op_type != "DequantizeLinear")
     {
         return None;
     }
@@ -239,12 +342,18 @@ fn softmax(g: &GraphProto, ctx: &Ctx, n: &NodeProto, inits: &mut Vec<TensorProto
         return None;
     }
     let base = qn.output[0].clone();
-    let t = |k: &str| format!("{base}__fedge_{k}");
+    let t = |k: &str| format!("{base}__fedge_sm_{k}");
     for (k, v) in [("s", s[0]), ("zp", zp[0]), ("lo", lo), ("hi", hi)] {
         inits.push(f32_tensor(&t(k), &[], &[v]));
     }
     let mut nodes = vec![
-        node("Div", t("div"), &[&n.output[0], &t("s")], &[&t("a")], vec![]),
+        node(
+            "Div",
+            t("div"),
+            &[&n.output[0], &t("s")],
+            &[&t("a")],
+            vec![],
+        ),
         node("Round", t("round"), &[&t("a")], &[&t("b")], vec![]),
         node("Add", t("add"), &[&t("b"), &t("zp")], &[&t("c")], vec![]),
         node("Max", t("max"), &[&t("c"), &t("lo")], &[&t("d")], vec![]),
@@ -254,7 +363,13 @@ fn softmax(g: &GraphProto, ctx: &Ctx, n: &NodeProto, inits: &mut Vec<TensorProto
     ];
     nodes.insert(0, n.clone());
     for &r in readers {
-        nodes.push(node("Identity", format!("{}__fedge_id", g.node[r].output[0]), &[&t("y")], &[&g.node[r].output[0]], vec![]));
+        nodes.push(node(
+            "Identity",
+            format!("{}__fedge_id", g.node[r].output[0]),
+            &[&t("y")],
+            &[&g.node[r].output[0]],
+            vec![],
+        ));
     }
     let mut gone = vec![q];
     gone.extend(readers.iter().copied());

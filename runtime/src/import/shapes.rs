@@ -43,8 +43,16 @@ pub(super) fn bake_constants(
         g.input.remove(pos);
         g.initializer.retain(|i| &i.name != name);
         let dims: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
-        g.initializer.push(raw_tensor(name, onnx_code(t.dtype()), &dims, t.as_bytes().to_vec()));
-        report.push(format!("input `{name}` baked in as a constant {:?}", t.shape()));
+        g.initializer.push(raw_tensor(
+            name,
+            onnx_code(t.dtype()),
+            &dims,
+            t.as_bytes().to_vec(),
+        ));
+        report.push(format!(
+            "input `{name}` baked in as a constant {:?}",
+            t.shape()
+        ));
     }
     Ok(())
 }
@@ -54,13 +62,19 @@ pub(super) fn bake_constants(
 pub(super) fn resolve_dims(g: &mut GraphProto, opts: &ModelOptions, report: &mut Vec<String>) {
     let initializers: std::collections::HashSet<String> =
         g.initializer.iter().map(|i| i.name.clone()).collect();
-    for input in g.input.iter_mut().filter(|i| !initializers.contains(&i.name)) {
+    for input in g
+        .input
+        .iter_mut()
+        .filter(|i| !initializers.contains(&i.name))
+    {
         let given = opts.input_shapes.get(&input.name);
         let Some(TypeValue::TensorType(tt)) = input.r#type.as_mut().and_then(|t| t.value.as_mut())
         else {
             continue;
         };
-        let Some(shape) = tt.shape.as_mut() else { continue };
+        let Some(shape) = tt.shape.as_mut() else {
+            continue;
+        };
         if let Some(given) = given {
             shape.dim = given
                 .iter()

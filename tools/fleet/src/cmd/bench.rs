@@ -36,9 +36,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for _ in 0..a.warmup {
         model.run(&inputs)?;
     }
-    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(a.iters as u64) };
+    let bar = if a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(a.iters as u64)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {pos}/{len} runs {wide_bar} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{spinner} {pos}/{len} runs {wide_bar} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut lat = Vec::with_capacity(a.iters);
     let start = Instant::now();
@@ -72,7 +77,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.json {
         println!("{j}");
     } else {
-        println!("{} on {} ({} thread(s), {} runs)", a.model.model.display(), model.backend().0, a.model.threads, lat.len());
+        println!(
+            "{} on {} ({} thread(s), {} runs)",
+            a.model.model.display(),
+            model.backend().0,
+            a.model.threads,
+            lat.len()
+        );
         println!("  load      {load_ms:9.2} ms");
         println!("  p50       {:9.3} ms", percentile(&lat, 50.0));
         println!("  p95       {:9.3} ms", percentile(&lat, 95.0));

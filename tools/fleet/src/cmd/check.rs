@@ -48,11 +48,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
-    println!("model: {} (opset {})", a.model.model.display(), graph.opset());
+    println!(
+        "model: {} (opset {})",
+        a.model.model.display(),
+        graph.opset()
+    );
     println!("quantization: {}", graph.quant_format().name());
     println!("inputs:");
     for i in graph.inputs() {
-        println!("  {} {} {}", i.name, i.dtype.map_or("?", |d| d.name()), i.shape_string());
+        println!(
+            "  {} {} {}",
+            i.name,
+            i.dtype.map_or("?", |d| d.name()),
+            i.shape_string()
+        );
     }
     println!("outputs: {}", graph.output_names().join(", "));
     let total: usize = graph.op_histogram().values().sum();
