@@ -29,8 +29,10 @@ impl Backend for CpuBackend {
 
     fn prepare(&self, graph: &Graph, opts: &ModelOptions) -> Result<Box<dyn Executable>> {
         let executor = (opts.threads > 1).then(|| Executor::multithread(opts.threads));
-        // Integer scalars that still decide an `If` are baked per value at plan time.
-        let specialize = if crate::import::has_if(&graph.proto) {
+        // A graph that still has `If`s is re-imported per plan with concrete shapes, and its
+        // integer scalars (which may decide an `If`) baked per value.
+        let specialize = crate::import::has_if(&graph.proto);
+        let control = if specialize {
             graph
                 .inputs
                 .iter()
@@ -47,10 +49,11 @@ impl Backend for CpuBackend {
             proto: graph.proto.clone(),
             inputs: graph.inputs.clone(),
             specialize,
+            control,
             executor,
             plans: Mutex::new(Vec::new()),
         };
-        if let Some(shapes) = exec.static_shapes().filter(|_| exec.specialize.is_empty()) {
+        if let Some(shapes) = exec.static_shapes().filter(|_| exec.control.is_empty()) {
             exec.plan(
                 &PlanKey {
                     shapes,
@@ -75,8 +78,10 @@ struct PlanKey {
 struct CpuExec {
     proto: tract_onnx::pb::ModelProto,
     inputs: Vec<TensorInfo>,
-    /// Indices of inputs baked into the plan by value (control scalars feeding an `If`).
-    specialize: Vec<usize>,
+    /// Whether plans re-import the graph for their shapes and control values (`If`s remain).
+    specialize: bool,
+    /// Indices of inputs baked into the plan by value (integer scalars that may decide an `If`).
+    control: Vec<usize>,
     executor: Option<Executor>,
     /// Optimised plans, most recent last, at most `MAX_PLANS`.
     plans: Mutex<Vec<(PlanKey, Plan)>>,
@@ -213,15 +218,21 @@ impl CpuExec {
         if let Some((_, p)) = plans.iter().find(|(k, _)| k == key) {
             return Ok(p.clone());
         }
-        let proto = if self.specialize.is_empty() {
-            std::borrow::Cow::Borrowed(&self.proto)
-        } else {
+        let proto = if self.specialize {
             let consts = self
-                .specialize
+                .control
                 .iter()
                 .map(|&k| (self.inputs[k].name.clone(), inputs[k].clone()))
                 .collect();
-            std::borrow::Cow::Owned(crate::import::specialize(&self.proto, &consts)?)
+            let shapes = self
+                .inputs
+                .iter()
+                .zip(&key.shapes)
+                .map(|(i, s)| (i.name.clone(), s.clone()))
+                .collect();
+            std::borrow::Cow::Owned(crate::import::specialize(&self.proto, &consts, shapes)?)
+        } else {
+            std::borrow::Cow::Borrowed(&self.proto)
         };
         let mut model = tract_onnx::onnx()
             .with_ignore_output_shapes(true)
@@ -232,7 +243,7 @@ impl CpuExec {
             .iter()
             .zip(&key.shapes)
             .enumerate()
-            .filter(|(k, _)| !self.specialize.contains(k));
+            .filter(|(k, _)| !self.control.contains(k));
         for (i, (_, (info, shape))) in fed.enumerate() {
             let fact = match info.dtype {
                 Some(d) => InferenceFact::dt_shape(datum(d), shape.clone()),
@@ -263,13 +274,13 @@ impl Executable for CpuExec {
     fn run(&self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>> {
         let key = PlanKey {
             shapes: inputs.iter().map(|t| t.shape().to_vec()).collect(),
-            values: self.specialize.iter().map(|&k| inputs[k].clone()).collect(),
+            values: self.control.iter().map(|&k| inputs[k].clone()).collect(),
         };
         let plan = self.plan(&key, &inputs)?;
         let values: TVec<TValue> = inputs
             .iter()
             .enumerate()
-            .filter(|(k, _)| !self.specialize.contains(k))
+            .filter(|(k, _)| !self.control.contains(k))
             .map(|(_, t)| to_tract(t).map(|t| t.into_tvalue()))
             .collect::<Result<_>>()?;
         let run = || plan.run(values);

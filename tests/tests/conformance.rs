@@ -3,7 +3,7 @@
 //! One trial per case directory of `.cache/onnx-node` (fetched by
 //! `tools/scripts/fetch_onnx_node_tests.sh`), named `cpu::<case>`. Cases listed in
 //! `tests/conformance/cpu.allow` run normally; the others are ignored, so
-//! `cargo test --profile ci -p fedge-tests --test conformance -- --ignored` shows what newly
+//! `cargo test --workspace --profile ci --test conformance -- --ignored` shows what newly
 //! passes. See `tests/conformance/README.md`.
 //!
 //! Each case: the model is loaded with its integer inputs (int64/int32: shapes, axes, indices,

@@ -64,3 +64,15 @@ fn silero_folds_its_sample_rate_if_per_value_and_carries_state() {
         "speech probability error {worst} with fedge carrying the state"
     );
 }
+
+#[test]
+fn silero_runs_without_any_shape_hints() {
+    for name in ["silero_vad", "silero_vad_16k", "silero_vad_openvino_16k"] {
+        let (m, ins, want) = first_case(name);
+        let model =
+            Model::load(m.model_path(), &fedge_runtime::ModelOptions::default()).expect("loads");
+        let got = model.run(&ins).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (err, _, _) = compare(&got[0], &want[0]);
+        assert!(err <= m.tolerance.max_abs, "{name}: error {err}");
+    }
+}

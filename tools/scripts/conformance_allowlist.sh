@@ -16,7 +16,7 @@ LOG="$REPO/target/conformance-cpu.log"
 mkdir -p target
 # Failures are expected here: the exit status is not the point.
 FEDGE_CONFORMANCE_REPORT="$REPORT" \
-  cargo test --profile ci -p fedge-tests --test conformance -- --include-ignored >"$LOG" 2>&1 || true
+  cargo test --workspace --profile ci --test conformance -- --include-ignored >"$LOG" 2>&1 || true
 grep -E '^conformance cpu: ' "$LOG" || { tail -30 "$LOG" >&2; echo "conformance run failed, see $LOG" >&2; exit 1; }
 
 python3 - "$LOG" "$REPORT" "$ALLOW" <<'EOF'

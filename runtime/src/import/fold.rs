@@ -70,6 +70,27 @@ fn eval_condition(proto: &ModelProto, name: &str) -> Option<bool> {
             stack.extend(g.node[p].input.iter().cloned());
         }
     }
+    // Symbolic dimensions can fold to a constant that only holds for some values: decide
+    // only on fully concrete input shapes.
+    let concrete = |i: &ValueInfoProto| match i.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(tract_onnx::pb::type_proto::Value::TensorType(tt)) => {
+            tt.shape.as_ref().is_some_and(|s| {
+                s.dim.iter().all(|d| {
+                    matches!(
+                        d.value,
+                        Some(tract_onnx::pb::tensor_shape_proto::dimension::Value::DimValue(_))
+                    )
+                })
+            })
+        }
+        _ => false,
+    };
+    if g.input
+        .iter()
+        .any(|i| used_inputs.contains(&i.name) && !concrete(i))
+    {
+        return None;
+    }
     let mut sub = proto.clone();
     let sg = sub.graph.as_mut()?;
     sg.node = g

@@ -81,13 +81,20 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
 pub(crate) fn specialize(
     proto: &ModelProto,
     constants: &std::collections::BTreeMap<String, crate::tensor::Tensor>,
+    input_shapes: std::collections::BTreeMap<String, Vec<usize>>,
 ) -> Result<ModelProto> {
     let mut proto = proto.clone();
     let mut report = Vec::new();
     if let Some(g) = proto.graph.as_mut() {
         shapes::bake_constants(g, constants, &mut report)?;
+        let opts = ModelOptions {
+            input_shapes,
+            ..ModelOptions::default()
+        };
+        shapes::resolve_dims(g, &opts, &mut report);
     }
     fold::fold_ifs(&mut proto, &mut report);
+    tracing::debug!(?report, "specialised plan");
     Ok(proto)
 }
 
