@@ -7,23 +7,9 @@ use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto};
 use super::graph::{attr_f, attr_i, float_attr, int_attr, node};
 
 pub(super) fn decompose(g: &mut GraphProto, report: &mut Vec<String>) {
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    let mut out = Vec::with_capacity(g.node.len());
-    for n in std::mem::take(&mut g.node) {
-        match expand(&n) {
-            Some(nodes) => {
-                *counts.entry(n.op_type.clone()).or_default() += 1;
-                out.extend(nodes);
-            }
-            None => out.push(n),
-        }
-    }
-    g.node = out;
-    for (op, c) in counts {
-        report.push(format!(
-            "decomposed {c} {op} (com.microsoft) into standard ops"
-        ));
-    }
+    expand_all(g, report, expand, |c, op| {
+        format!("decomposed {c} {op} (com.microsoft) into standard ops")
+    });
 }
 
 /// `DequantizeLinear(x, s, zp) → tmp`.
@@ -66,6 +52,43 @@ fn q(n: &NodeProto, x: &str, s: &str, zp: &str) -> NodeProto {
         &[&n.output[0]],
         vec![],
     )
+}
+
+/// Dequantizes the int32 bias at input `k`, whose scale is input 1 · input 4 (per channel).
+fn dq_bias(n: &NodeProto, k: usize, nodes: &mut Vec<NodeProto>) -> String {
+    let scale = tmp(n, "bscale");
+    nodes.push(node(
+        "Mul",
+        scale.clone(),
+        &[input(n, 1), input(n, 4)],
+        &[&scale],
+        vec![],
+    ));
+    let (d, b) = dq_axis(n, 2, input(n, k), &scale, "", Some(0));
+    nodes.push(d);
+    b
+}
+
+/// Replaces every node `expand` returns nodes for; one report line per op type.
+fn expand_all(
+    g: &mut GraphProto,
+    report: &mut Vec<String>,
+    expand: impl Fn(&NodeProto) -> Option<Vec<NodeProto>>,
+    line: impl Fn(usize, &str) -> String,
+) {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    let mut out = Vec::with_capacity(g.node.len());
+    for n in std::mem::take(&mut g.node) {
+        match expand(&n) {
+            Some(nodes) => {
+                *counts.entry(n.op_type.clone()).or_default() += 1;
+                out.extend(nodes);
+            }
+            None => out.push(n),
+        }
+    }
+    g.node = out;
+    report.extend(counts.iter().map(|(op, &c)| line(c, op)));
 }
 
 fn tmp(n: &NodeProto, what: &str) -> String {
@@ -135,17 +158,7 @@ fn qgemm(n: &NodeProto) -> Vec<NodeProto> {
     let mut nodes = vec![da, db];
     let mut gemm_in = vec![a, b];
     if !input(n, 6).is_empty() {
-        let scale = tmp(n, "cscale");
-        nodes.push(node(
-            "Mul",
-            scale.clone(),
-            &[input(n, 1), input(n, 4)],
-            &[&scale],
-            vec![],
-        ));
-        let (dc, c) = dq_axis(n, 2, input(n, 6), &scale, "", Some(0));
-        nodes.push(dc);
-        gemm_in.push(c);
+        gemm_in.push(dq_bias(n, 6, &mut nodes));
     }
     let attrs = ["transA", "transB"]
         .iter()
@@ -216,30 +229,15 @@ fn expand(n: &NodeProto) -> Option<Vec<NodeProto>> {
 /// `QLinearConv` and `QLinearMatMul` as `DequantizeLinear → Conv/MatMul → QuantizeLinear`:
 /// the same arithmetic on tract's float kernels, which measured far faster than its int8 ones.
 pub(super) fn dequantize_integer_ops(g: &mut GraphProto, report: &mut Vec<String>) {
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    let mut out = Vec::with_capacity(g.node.len());
-    for n in std::mem::take(&mut g.node) {
-        let expanded = match n.op_type.as_str() {
-            "QLinearConv" if n.input.len() >= 8 && n.domain.is_empty() => Some(qlinear_conv(&n)),
-            "QLinearMatMul" if n.input.len() == 8 && n.domain.is_empty() => {
-                Some(qlinear_matmul(&n))
-            }
-            _ => None,
-        };
-        match expanded {
-            Some(nodes) => {
-                *counts.entry(n.op_type.clone()).or_default() += 1;
-                out.extend(nodes);
-            }
-            None => out.push(n),
-        }
-    }
-    g.node = out;
-    for (op, c) in counts {
-        report.push(format!(
-            "ran {c} {op} as float kernels between exact quantize steps"
-        ));
-    }
+    let expand = |n: &NodeProto| match n.op_type.as_str() {
+        _ if !n.domain.is_empty() => None,
+        "QLinearConv" if n.input.len() >= 8 => Some(qlinear_conv(n)),
+        "QLinearMatMul" if n.input.len() == 8 => Some(qlinear_matmul(n)),
+        _ => None,
+    };
+    expand_all(g, report, expand, |c, op| {
+        format!("ran {c} {op} as float kernels between exact quantize steps")
+    });
 }
 
 /// QLinearConv: (x, xs, xzp, w, ws, wzp, ys, yzp, B?); B is int32 with scale xs·ws, per channel.
@@ -249,17 +247,7 @@ fn qlinear_conv(n: &NodeProto) -> Vec<NodeProto> {
     let mut nodes = vec![dx, dw];
     let mut conv_in = vec![x, w];
     if !input(n, 8).is_empty() {
-        let scale = tmp(n, "bscale");
-        nodes.push(node(
-            "Mul",
-            scale.clone(),
-            &[input(n, 1), input(n, 4)],
-            &[&scale],
-            vec![],
-        ));
-        let (db, b) = dq_axis(n, 2, input(n, 8), &scale, "", Some(0));
-        nodes.push(db);
-        conv_in.push(b);
+        conv_in.push(dq_bias(n, 8, &mut nodes));
     }
     let y = tmp(n, "f");
     let cin: Vec<&str> = conv_in.iter().map(String::as_str).collect();
