@@ -5,9 +5,10 @@
 //!   tract runs those as integer kernels (i32 accumulation, requantisation), while it runs the
 //!   QDQ form in float, 2–4× slower than the float model.
 //! - `DQ → Gemm → Q` becomes `MatMulInteger` + int32 bias + requantisation.
-//! - `Softmax → Q → DQ`: tract 0.23.9 answers all-1.0 for this pattern; the `Q → DQ` pair after
-//!   the softmax is replaced by the same arithmetic in float (divide, round half to even, add the
-//!   zero point, saturate, subtract, multiply), which is exact.
+//! - `Softmax → Q`: tract 0.23.9 fuses this into a quantized softmax that answers all-1.0; the
+//!   same quantize-dequantize arithmetic in float (divide, round half to even, add the zero
+//!   point, saturate, subtract, multiply) goes between them, so the `Q` sees values already on
+//!   its grid and yields the same integers, and tract can no longer fuse.
 
 use std::collections::{HashMap, HashSet};
 
@@ -49,7 +50,7 @@ pub(super) fn rewrite(g: &mut GraphProto, integer_kernels: bool, report: &mut Ve
             "MatMul" => matmul(g, &ctx, n).map(|r| ("QDQ MatMul → QLinearMatMul", r)),
             "Gemm" => gemm(g, &ctx, n, &mut new_inits).map(|r| ("QDQ Gemm → MatMulInteger", r)),
             "Softmax" => {
-                softmax(g, &ctx, n, &mut new_inits).map(|r| ("Softmax → Q → DQ in float", r))
+                softmax(g, &ctx, n, &mut new_inits).map(|r| ("Softmax → Q kept exact in float", r))
             }
             _ => None,
         };
@@ -313,7 +314,7 @@ fn raw_bytes(t: &tract_onnx::prelude::Tensor) -> Option<Vec<u8>> {
     (t.datum_type().size_of() == 1).then(|| t.as_bytes().to_vec())
 }
 
-/// `Softmax → Q → DQ…` with the `Q → DQ` pair as exact float arithmetic.
+/// `Softmax → fake-quantize in float → Q`: the same integers, and no fused quantized softmax.
 fn softmax(
     g: &GraphProto,
     ctx: &Ctx,
@@ -322,14 +323,6 @@ fn softmax(
 ) -> Option<Rewrite> {
     let q = single_q(g, ctx, &n.output[0])?;
     let qn = &g.node[q];
-    let readers = ctx.cons.get(&qn.output[0])?;
-    if is_graph_output(g, &qn.output[0])
-        || readers
-            .iter()
-            .any(|&r| g.node[r].op_type != "DequantizeLinear")
-    {
-        return None;
-    }
     let s = const_f32(&ctx.consts, &qn.input[1])?;
     let zp_t = load(ctx.consts.get(&qn.input[2])?)?;
     let (lo, hi) = match onnx_type(zp_t.datum_type())? {
@@ -362,16 +355,9 @@ fn softmax(
         node("Mul", t("mul"), &[&t("f"), &t("s")], &[&t("y")], vec![]),
     ];
     nodes.insert(0, n.clone());
-    for &r in readers {
-        nodes.push(node(
-            "Identity",
-            format!("{}__fedge_id", g.node[r].output[0]),
-            &[&t("y")],
-            &[&g.node[r].output[0]],
-            vec![],
-        ));
-    }
-    let mut gone = vec![q];
-    gone.extend(readers.iter().copied());
-    Some((nodes, gone))
+    // The QuantizeLinear stays, now fed values already on its grid: same integers out.
+    let mut requant = qn.clone();
+    requant.input[0] = t("y");
+    nodes.push(requant);
+    Some((nodes, vec![q]))
 }
