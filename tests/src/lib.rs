@@ -1,5 +1,7 @@
-//! Shared helpers of fedge's integration tests: the model zoo and its references.
+//! Shared helpers of fedge's integration tests: the model zoo and its references, a real
+//! Mosquitto broker.
 
+pub mod mosquitto;
 pub mod zoo;
 
 use std::path::PathBuf;
