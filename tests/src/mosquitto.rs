@@ -25,19 +25,31 @@ pub fn free_port() -> u16 {
 
 /// The Mosquitto binary, if installed (`apt-get install -y mosquitto`).
 pub fn binary() -> Option<PathBuf> {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
 }
 
 impl Mosquitto {
     /// Starts a broker on a free port. `Err` explains why (not installed, did not come up): the
     /// caller decides whether that skips or fails the test.
     pub fn start() -> Result<Self, String> {
-        let dir = std::env::temp_dir().join(format!("fedge-mosquitto-{}-{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "fedge-mosquitto-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
         std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
-        let mut m = Self { child: None, port: free_port(), dir };
+        let mut m = Self {
+            child: None,
+            port: free_port(),
+            dir,
+        };
         m.restart()?;
         Ok(m)
     }
@@ -97,7 +109,10 @@ impl Mosquitto {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(format!("mosquitto did not listen on port {} within 10 s", self.port))
+        Err(format!(
+            "mosquitto did not listen on port {} within 10 s",
+            self.port
+        ))
     }
 }
 

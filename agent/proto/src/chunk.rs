@@ -88,7 +88,11 @@ impl ChunkManifest {
         let object = self.sha256;
         data.chunks(self.chunk_size.max(1) as usize)
             .enumerate()
-            .map(move |(i, c)| Chunk { object, index: i as u32, data: c })
+            .map(move |(i, c)| Chunk {
+                object,
+                index: i as u32,
+                data: c,
+            })
     }
 }
 
@@ -105,7 +109,11 @@ pub struct Assembly {
 #[cfg(feature = "alloc")]
 impl Assembly {
     /// Starts a reassembly after [`ChunkManifest::validate`] with the receiver's bounds.
-    pub fn new(manifest: ChunkManifest, max_total: u64, max_chunk: u32) -> Result<Self, ProtoError> {
+    pub fn new(
+        manifest: ChunkManifest,
+        max_total: u64,
+        max_chunk: u32,
+    ) -> Result<Self, ProtoError> {
         manifest.validate(max_total, max_chunk)?;
         let len = usize::try_from(manifest.total_len).map_err(|_| ProtoError::BadManifest)?;
         Ok(Self {
@@ -136,7 +144,11 @@ impl Assembly {
 
     /// Indices still missing, ascending.
     pub fn missing(&self) -> impl Iterator<Item = u32> + '_ {
-        self.have.iter().enumerate().filter(|(_, h)| !**h).map(|(i, _)| i as u32)
+        self.have
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| !**h)
+            .map(|(i, _)| i as u32)
     }
 
     pub fn is_complete(&self) -> bool {
@@ -146,7 +158,9 @@ impl Assembly {
     /// The object, once complete and hashing to the manifest's sha256.
     pub fn finish(self) -> Result<alloc::vec::Vec<u8>, ProtoError> {
         if self.missing > 0 {
-            return Err(ProtoError::Incomplete { missing: self.missing });
+            return Err(ProtoError::Incomplete {
+                missing: self.missing,
+            });
         }
         if sha256(&self.data) != self.manifest.sha256 {
             return Err(ProtoError::HashMismatch);
@@ -169,14 +183,23 @@ mod tests {
         assert!(m.validate(1000, 256).is_ok());
         assert_eq!(m.validate(999, 256), Err(ProtoError::BadManifest));
         assert_eq!(m.validate(1000, 255), Err(ProtoError::BadManifest));
-        let lying = ChunkManifest { chunk_count: 5, ..m };
-        assert_eq!(lying.validate(u64::MAX, u32::MAX), Err(ProtoError::BadManifest));
+        let lying = ChunkManifest {
+            chunk_count: 5,
+            ..m
+        };
+        assert_eq!(
+            lying.validate(u64::MAX, u32::MAX),
+            Err(ProtoError::BadManifest)
+        );
         let chunks: heapless::Vec<Chunk<'_>, 8> = m.split(&data).collect();
         assert_eq!(chunks.len(), 4);
         for c in &chunks {
             assert!(m.check(c).is_ok());
         }
-        let short = Chunk { data: &data[..10], ..chunks[0] };
+        let short = Chunk {
+            data: &data[..10],
+            ..chunks[0]
+        };
         assert_eq!(m.check(&short), Err(ProtoError::BadChunk { index: 0 }));
         assert_eq!(ChunkManifest::of(&data, 0), Err(ProtoError::BadManifest));
     }
@@ -191,7 +214,10 @@ mod tests {
         assert_eq!(a.insert(&chunks[4]), Ok(true));
         assert_eq!(a.insert(&chunks[4]), Ok(false));
         assert_eq!(a.missing().collect::<std::vec::Vec<_>>(), [0, 1, 2, 3]);
-        assert_eq!(a.clone().finish().err(), Some(ProtoError::Incomplete { missing: 4 }));
+        assert_eq!(
+            a.clone().finish().err(),
+            Some(ProtoError::Incomplete { missing: 4 })
+        );
         for c in chunks.iter().rev() {
             a.insert(c).expect("insert");
         }
@@ -206,6 +232,9 @@ mod tests {
             a.insert(c).expect("insert");
         }
         assert_eq!(a.finish().err(), Some(ProtoError::HashMismatch));
-        assert_eq!(Assembly::new(m, 100, 4096).err(), Some(ProtoError::BadManifest));
+        assert_eq!(
+            Assembly::new(m, 100, 4096).err(),
+            Some(ProtoError::BadManifest)
+        );
     }
 }

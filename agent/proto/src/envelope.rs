@@ -77,7 +77,14 @@ impl<'a> Unverified<'a> {
 impl<'a> Envelope<'a> {
     /// A new envelope of the current protocol version.
     pub fn new(kind: Kind, sender: &'a str, seq: u64, round: u64, payload: &'a [u8]) -> Self {
-        Self { version: PROTOCOL_VERSION, kind, sender, seq, round, payload }
+        Self {
+            version: PROTOCOL_VERSION,
+            kind,
+            sender,
+            seq,
+            round,
+            payload,
+        }
     }
 
     /// Encodes and signs into `out`; returns the wire length.
@@ -85,7 +92,9 @@ impl<'a> Envelope<'a> {
         check_id(self.sender)?;
         let n = postcard::to_slice(self, out)?.len();
         let sig = signer.sign(&out[..n]);
-        out.get_mut(n..n + SIGNATURE_LEN).ok_or(ProtoError::BufferFull)?.copy_from_slice(&sig);
+        out.get_mut(n..n + SIGNATURE_LEN)
+            .ok_or(ProtoError::BufferFull)?
+            .copy_from_slice(&sig);
         Ok(n + SIGNATURE_LEN)
     }
 
@@ -103,7 +112,10 @@ impl<'a> Envelope<'a> {
     /// is decoded.
     pub fn open(wire: &'a [u8], max_len: usize) -> Result<Unverified<'a>, ProtoError> {
         if wire.len() > max_len {
-            return Err(ProtoError::Oversize { len: wire.len(), max: max_len });
+            return Err(ProtoError::Oversize {
+                len: wire.len(),
+                max: max_len,
+            });
         }
         // version, kind, sender length, seq, round, payload length: at least 6 bytes.
         if wire.len() < SIGNATURE_LEN + 6 {
@@ -120,18 +132,29 @@ impl<'a> Envelope<'a> {
             return Err(ProtoError::Malformed);
         }
         check_id(env.sender)?;
-        Ok(Unverified { env, body, signature })
+        Ok(Unverified {
+            env,
+            body,
+            signature,
+        })
     }
 }
 
 /// Decodes a payload of type `T` (borrowing from it), rejecting trailing bytes.
 pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, ProtoError> {
     let (v, rest) = postcard::take_from_bytes(payload)?;
-    if rest.is_empty() { Ok(v) } else { Err(ProtoError::Malformed) }
+    if rest.is_empty() {
+        Ok(v)
+    } else {
+        Err(ProtoError::Malformed)
+    }
 }
 
 /// Encodes a payload into `out`; returns the used prefix.
-pub fn encode_into<'o, T: Serialize>(value: &T, out: &'o mut [u8]) -> Result<&'o mut [u8], ProtoError> {
+pub fn encode_into<'o, T: Serialize>(
+    value: &T,
+    out: &'o mut [u8],
+) -> Result<&'o mut [u8], ProtoError> {
     Ok(postcard::to_slice(value, out)?)
 }
 
@@ -158,7 +181,10 @@ mod tests {
         let env = Envelope::new(Kind::Telemetry, "dev-1", 7, 3, b"payload");
         let n = env.seal_into(&s, &mut buf).expect("seal");
         let u = Envelope::open(&buf[..n], 256).expect("open");
-        assert_eq!((u.sender(), u.kind(), u.seq()), ("dev-1", Kind::Telemetry, 7));
+        assert_eq!(
+            (u.sender(), u.kind(), u.seq()),
+            ("dev-1", Kind::Telemetry, 7)
+        );
         assert_eq!(u.verify(&s.public_key()), Ok(env));
     }
 
@@ -166,7 +192,9 @@ mod tests {
     fn every_flipped_bit_is_rejected() {
         let s = signer();
         let mut buf = [0u8; 128];
-        let n = Envelope::new(Kind::Update, "dev-1", 1, 1, b"abc").seal_into(&s, &mut buf).expect("seal");
+        let n = Envelope::new(Kind::Update, "dev-1", 1, 1, b"abc")
+            .seal_into(&s, &mut buf)
+            .expect("seal");
         for i in 0..n * 8 {
             let mut w = buf;
             w[i / 8] ^= 1 << (i % 8);
@@ -179,21 +207,38 @@ mod tests {
     fn bounds_and_garbage() {
         let s = signer();
         let mut buf = [0u8; 128];
-        let n = Envelope::new(Kind::Ack, "agg", 1, 0, b"").seal_into(&s, &mut buf).expect("seal");
-        assert_eq!(Envelope::open(&buf[..n], n - 1).err(), Some(ProtoError::Oversize { len: n, max: n - 1 }));
-        assert_eq!(Envelope::open(&buf[..10], 128).err(), Some(ProtoError::Malformed));
+        let n = Envelope::new(Kind::Ack, "agg", 1, 0, b"")
+            .seal_into(&s, &mut buf)
+            .expect("seal");
+        assert_eq!(
+            Envelope::open(&buf[..n], n - 1).err(),
+            Some(ProtoError::Oversize { len: n, max: n - 1 })
+        );
+        assert_eq!(
+            Envelope::open(&buf[..10], 128).err(),
+            Some(ProtoError::Malformed)
+        );
         let mut v2 = buf;
         v2[0] = 2;
-        assert_eq!(Envelope::open(&v2[..n], 128).err(), Some(ProtoError::Version { got: 2 }));
+        assert_eq!(
+            Envelope::open(&v2[..n], 128).err(),
+            Some(ProtoError::Version { got: 2 })
+        );
         // Wrong signer.
         let other = signer();
         let u = Envelope::open(&buf[..n], 128).expect("open");
         assert_eq!(u.verify(&other.public_key()), Err(ProtoError::BadSignature));
         // Bad sender id is refused on both sides.
-        assert_eq!(Envelope::new(Kind::Ack, "a/b", 1, 0, b"").seal_into(&s, &mut buf), Err(ProtoError::BadId));
+        assert_eq!(
+            Envelope::new(Kind::Ack, "a/b", 1, 0, b"").seal_into(&s, &mut buf),
+            Err(ProtoError::BadId)
+        );
         // Too small an output buffer.
         let mut small = [0u8; 40];
-        assert_eq!(Envelope::new(Kind::Ack, "agg", 1, 0, &[0; 8]).seal_into(&s, &mut small), Err(ProtoError::BufferFull));
+        assert_eq!(
+            Envelope::new(Kind::Ack, "agg", 1, 0, &[0; 8]).seal_into(&s, &mut small),
+            Err(ProtoError::BufferFull)
+        );
     }
 
     #[test]

@@ -40,10 +40,16 @@ pub enum ProtoError {
 impl fmt::Display for ProtoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Oversize { len, max } => write!(f, "message of {len} bytes exceeds the limit of {max}"),
+            Self::Oversize { len, max } => {
+                write!(f, "message of {len} bytes exceeds the limit of {max}")
+            }
             Self::Malformed => f.write_str("malformed message"),
             Self::Version { got } => {
-                write!(f, "protocol version {got} is not supported (this build speaks {})", crate::PROTOCOL_VERSION)
+                write!(
+                    f,
+                    "protocol version {got} is not supported (this build speaks {})",
+                    crate::PROTOCOL_VERSION
+                )
             }
             Self::BadId => f.write_str("identifier must be 1-64 characters of [A-Za-z0-9._-]"),
             Self::BadSignature => f.write_str("signature does not verify"),
@@ -53,7 +59,9 @@ impl fmt::Display for ProtoError {
             Self::BufferFull => f.write_str("output buffer too small"),
             Self::BadChunk { index } => write!(f, "chunk {index} does not fit the manifest"),
             Self::BadManifest => f.write_str("chunk manifest is inconsistent or too large"),
-            Self::HashMismatch => f.write_str("sha256 of the reassembled object does not match its manifest"),
+            Self::HashMismatch => {
+                f.write_str("sha256 of the reassembled object does not match its manifest")
+            }
             Self::Incomplete { missing } => write!(f, "{missing} chunks still missing"),
             Self::Rng => f.write_str("system random generator failed"),
         }

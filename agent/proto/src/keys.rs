@@ -13,7 +13,9 @@ pub struct PublicKey(pub [u8; 32]);
 impl PublicKey {
     /// Parses 64 hex characters.
     pub fn from_hex(text: &str) -> Result<Self, ProtoError> {
-        crate::hex::decode::<32>(text).map(Self).map_err(|_| ProtoError::BadKey)
+        crate::hex::decode::<32>(text)
+            .map(Self)
+            .map_err(|_| ProtoError::BadKey)
     }
 
     /// Lower-case hex.
@@ -59,7 +61,9 @@ pub struct Signer {
 
 impl fmt::Debug for Signer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Signer").field("public", &self.public_key()).finish_non_exhaustive()
+        f.debug_struct("Signer")
+            .field("public", &self.public_key())
+            .finish_non_exhaustive()
     }
 }
 
@@ -67,7 +71,9 @@ impl Signer {
     /// Loads a key from its PKCS#8 v2 document (what [`Signer::generate_pkcs8`] returns and what
     /// key files hold).
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, ProtoError> {
-        Ed25519KeyPair::from_pkcs8(pkcs8).map(|pair| Self { pair }).map_err(|_| ProtoError::BadKey)
+        Ed25519KeyPair::from_pkcs8(pkcs8)
+            .map(|pair| Self { pair })
+            .map_err(|_| ProtoError::BadKey)
     }
 
     /// A fresh key from the system random generator, as a PKCS#8 document (83-85 bytes) written to
@@ -76,7 +82,9 @@ impl Signer {
         let rng = ring::rand::SystemRandom::new();
         let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| ProtoError::Rng)?;
         let bytes = doc.as_ref();
-        out.get_mut(..bytes.len()).ok_or(ProtoError::BufferFull)?.copy_from_slice(bytes);
+        out.get_mut(..bytes.len())
+            .ok_or(ProtoError::BufferFull)?
+            .copy_from_slice(bytes);
         Ok(bytes.len())
     }
 
@@ -135,17 +143,26 @@ pub mod file {
             if mode & 0o077 != 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
-                    format!("{}: key file mode is {:o}; it must be 0600 (chmod 600)", path.display(), mode & 0o777),
+                    format!(
+                        "{}: key file mode is {:o}; it must be 0600 (chmod 600)",
+                        path.display(),
+                        mode & 0o777
+                    ),
                 ));
             }
         }
         let doc = std::fs::read(path)?;
-        Signer::from_pkcs8(&doc).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        Signer::from_pkcs8(&doc)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
     /// Loads the key at `path`, creating it first if absent.
     pub fn load_or_create(path: &Path) -> std::io::Result<Signer> {
-        if path.exists() { load(path) } else { create(path) }
+        if path.exists() {
+            load(path)
+        } else {
+            create(path)
+        }
     }
 }
 
@@ -176,7 +193,10 @@ mod tests {
         let p = dir.join("device.key");
         let _ = std::fs::remove_file(&p);
         let s = file::create(&p).expect("create");
-        assert_eq!(std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(file::load(&p).expect("load").public_key(), s.public_key());
         assert!(file::create(&p).is_err(), "never overwrites a key");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");

@@ -46,7 +46,9 @@ pub fn check_id(id: &str) -> Result<(), ProtoError> {
         && id.len() <= MAX_ID_LEN
         && id != "."
         && id != ".."
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok { Ok(()) } else { Err(ProtoError::BadId) }
 }
 

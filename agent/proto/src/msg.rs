@@ -163,7 +163,11 @@ pub struct Telemetry<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command<'a> {
     /// Fetch the bundle whose chunks are retained on `bundle/{sha256}/{i}`, verify, install.
-    Install { name: &'a str, version: u64, bundle: ChunkManifest },
+    Install {
+        name: &'a str,
+        version: u64,
+        bundle: ChunkManifest,
+    },
     /// Go back to the previous healthy version.
     Rollback,
     /// Answer with a telemetry message now.
@@ -197,7 +201,10 @@ pub enum Selection {
     All,
     /// Selected when `sha256("fedge-select" ‖ seed ‖ job ‖ round ‖ device)` falls below
     /// `fraction_ppm` parts per million.
-    Sample { seed: u64, fraction_ppm: u32 },
+    Sample {
+        seed: u64,
+        fraction_ppm: u32,
+    },
 }
 
 impl Selection {
@@ -321,16 +328,28 @@ mod tests {
     #[test]
     fn payloads_round_trip_without_alloc() {
         let mut buf = [0u8; 512];
-        let m = ChunkManifest { sha256: [7; 32], total_len: 1000, chunk_size: 256, chunk_count: 4 };
+        let m = ChunkManifest {
+            sha256: [7; 32],
+            total_len: 1000,
+            chunk_size: 256,
+            chunk_count: 4,
+        };
         let a = RoundAnnounce {
             job: "digits",
             round: 3,
             phase: Phase::Open,
-            model: ModelRef { name: "head", version: 3, sha256: [7; 32] },
+            model: ModelRef {
+                name: "head",
+                version: 3,
+                sha256: [7; 32],
+            },
             manifest: m,
             param_count: 650,
             codec: Codec::F32,
-            selection: Selection::Sample { seed: 1, fraction_ppm: 500_000 },
+            selection: Selection::Sample {
+                seed: 1,
+                fraction_ppm: 500_000,
+            },
             hyper: Hyper {
                 learning_rate: 0.1,
                 epochs: 1,
@@ -357,14 +376,23 @@ mod tests {
             events: heapless::Vec::new(),
         };
         t.rejected.push((Reason::Replay, 2)).expect("room");
-        t.events.push(Event { reason: Reason::BadSignature, detail: "bundle v3", at_ms: 9 }).expect("room");
+        t.events
+            .push(Event {
+                reason: Reason::BadSignature,
+                detail: "bundle v3",
+                at_ms: 9,
+            })
+            .expect("room");
         let n = encode_into(&t, &mut buf).expect("encode").len();
         assert_eq!(decode::<Telemetry<'_>>(&buf[..n]), Ok(t));
     }
 
     #[test]
     fn sampling_is_deterministic_and_roughly_fair() {
-        let s = Selection::Sample { seed: 42, fraction_ppm: 250_000 };
+        let s = Selection::Sample {
+            seed: 42,
+            fraction_ppm: 250_000,
+        };
         let mut names = [[0u8; 8]; 1];
         let mut picked = 0;
         for i in 0..2000u32 {
@@ -380,6 +408,12 @@ mod tests {
         }
         assert!((350..650).contains(&picked), "{picked}");
         assert!(Selection::All.includes("j", 1, "d"));
-        assert!(!Selection::Sample { seed: 1, fraction_ppm: 0 }.includes("j", 1, "d"));
+        assert!(
+            !Selection::Sample {
+                seed: 1,
+                fraction_ppm: 0
+            }
+            .includes("j", 1, "d")
+        );
     }
 }

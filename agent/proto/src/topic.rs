@@ -70,9 +70,16 @@ pub fn all_rounds(fleet: &str) -> Result<TopicBuf, ProtoError> {
 }
 
 /// `fedge/v1/{fleet}/job/{job}/model/{version}/{index}` (retained chunk of the global model).
-pub fn job_model_chunk(fleet: &str, job: &str, version: u64, index: u32) -> Result<TopicBuf, ProtoError> {
+pub fn job_model_chunk(
+    fleet: &str,
+    job: &str,
+    version: u64,
+    index: u32,
+) -> Result<TopicBuf, ProtoError> {
     ids(&[fleet, job])?;
-    build(format_args!("{ROOT}/{fleet}/job/{job}/model/{version}/{index}"))
+    build(format_args!(
+        "{ROOT}/{fleet}/job/{job}/model/{version}/{index}"
+    ))
 }
 
 /// `fedge/v1/{fleet}/job/{job}/update/{device}`.
@@ -92,25 +99,55 @@ pub fn job_updates(fleet: &str, job: &str) -> Result<TopicBuf, ProtoError> {
 /// VerneMQ, Mosquitto 2 on 3.1.1 too).
 pub fn shared_updates(group: &str, fleet: &str, job: &str) -> Result<TopicBuf, ProtoError> {
     ids(&[group, fleet, job])?;
-    build(format_args!("$share/{group}/{ROOT}/{fleet}/job/{job}/update/+"))
+    build(format_args!(
+        "$share/{group}/{ROOT}/{fleet}/job/{job}/update/+"
+    ))
 }
 
 /// `fedge/v1/{fleet}/bundle/{sha256-hex}/{index}` (retained chunk of a signed bundle).
 pub fn bundle_chunk(fleet: &str, sha256: &[u8; 32], index: u32) -> Result<TopicBuf, ProtoError> {
     ids(&[fleet])?;
-    build(format_args!("{ROOT}/{fleet}/bundle/{}/{index}", crate::hex::encode32(sha256)))
+    build(format_args!(
+        "{ROOT}/{fleet}/bundle/{}/{index}",
+        crate::hex::encode32(sha256)
+    ))
 }
 
 /// A parsed topic name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic<'a> {
-    DevStatus { fleet: &'a str, device: &'a str },
-    DevTelemetry { fleet: &'a str, device: &'a str },
-    DevCmd { fleet: &'a str, device: &'a str },
-    JobRound { fleet: &'a str, job: &'a str },
-    JobModelChunk { fleet: &'a str, job: &'a str, version: u64, index: u32 },
-    JobUpdate { fleet: &'a str, job: &'a str, device: &'a str },
-    BundleChunk { fleet: &'a str, sha256: [u8; 32], index: u32 },
+    DevStatus {
+        fleet: &'a str,
+        device: &'a str,
+    },
+    DevTelemetry {
+        fleet: &'a str,
+        device: &'a str,
+    },
+    DevCmd {
+        fleet: &'a str,
+        device: &'a str,
+    },
+    JobRound {
+        fleet: &'a str,
+        job: &'a str,
+    },
+    JobModelChunk {
+        fleet: &'a str,
+        job: &'a str,
+        version: u64,
+        index: u32,
+    },
+    JobUpdate {
+        fleet: &'a str,
+        job: &'a str,
+        device: &'a str,
+    },
+    BundleChunk {
+        fleet: &'a str,
+        sha256: [u8; 32],
+        index: u32,
+    },
 }
 
 impl<'a> Topic<'a> {
@@ -137,16 +174,29 @@ impl<'a> Topic<'a> {
                     "model" => {
                         let version = level()?.parse().ok()?;
                         let index = level()?.parse().ok()?;
-                        Self::JobModelChunk { fleet, job, version, index }
+                        Self::JobModelChunk {
+                            fleet,
+                            job,
+                            version,
+                            index,
+                        }
                     }
-                    "update" => Self::JobUpdate { fleet, job, device: level()? },
+                    "update" => Self::JobUpdate {
+                        fleet,
+                        job,
+                        device: level()?,
+                    },
                     _ => return None,
                 }
             }
             "bundle" => {
                 let sha256 = crate::hex::decode::<32>(level()?).ok()?;
                 let index = level()?.parse().ok()?;
-                Self::BundleChunk { fleet, sha256, index }
+                Self::BundleChunk {
+                    fleet,
+                    sha256,
+                    index,
+                }
             }
             _ => return None,
         };
@@ -176,17 +226,39 @@ mod tests {
         assert_eq!(t.as_str(), "fedge/v1/f1/job/digits/model/3/7");
         assert_eq!(
             Topic::parse(&t),
-            Some(Topic::JobModelChunk { fleet: "f1", job: "digits", version: 3, index: 7 })
+            Some(Topic::JobModelChunk {
+                fleet: "f1",
+                job: "digits",
+                version: 3,
+                index: 7
+            })
         );
         let s = dev_status("f1", "d-9").expect("topic");
-        assert_eq!(Topic::parse(&s), Some(Topic::DevStatus { fleet: "f1", device: "d-9" }));
+        assert_eq!(
+            Topic::parse(&s),
+            Some(Topic::DevStatus {
+                fleet: "f1",
+                device: "d-9"
+            })
+        );
         let b = bundle_chunk("f1", &[0x11; 32], 0).expect("topic");
-        assert_eq!(Topic::parse(&b), Some(Topic::BundleChunk { fleet: "f1", sha256: [0x11; 32], index: 0 }));
+        assert_eq!(
+            Topic::parse(&b),
+            Some(Topic::BundleChunk {
+                fleet: "f1",
+                sha256: [0x11; 32],
+                index: 0
+            })
+        );
         assert_eq!(
             shared_updates("agg", "f1", "j").expect("topic").as_str(),
             "$share/agg/fedge/v1/f1/job/j/update/+"
         );
-        assert!(Topic::parse(&job_update("f1", "j", "d").expect("topic")).expect("parse").accepts(Kind::Update));
+        assert!(
+            Topic::parse(&job_update("f1", "j", "d").expect("topic"))
+                .expect("parse")
+                .accepts(Kind::Update)
+        );
     }
 
     #[test]

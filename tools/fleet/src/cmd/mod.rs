@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod check;
+pub mod profile;
 pub mod run;
 
 use std::path::PathBuf;
