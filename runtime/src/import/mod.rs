@@ -5,6 +5,7 @@
 //! - `shapes`: constant inputs, symbolic dimensions, stale `value_info`;
 //! - `fold`: `If` nodes whose condition is constant once inputs are fixed;
 //! - `msft`: onnxruntime's `com.microsoft` QOperator ops decomposed into standard ops;
+//! - `qfloat`: Q/DQ tract cannot run (16-bit, run-time parameters) as exact float arithmetic;
 //! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
 //!   wrong rewritten into exact float arithmetic.
 
@@ -12,6 +13,7 @@ mod fold;
 pub(crate) mod graph;
 mod msft;
 mod qdq;
+mod qfloat;
 mod shapes;
 
 use std::collections::BTreeSet;
@@ -63,6 +65,7 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
     shapes::resolve_dims(graph, opts, &mut report);
     if opts.rewrites {
         msft::decompose(graph, &mut report);
+        qfloat::rewrite(graph, &mut report);
         if !opts.integer_kernels {
             msft::dequantize_integer_ops(graph, &mut report);
         }

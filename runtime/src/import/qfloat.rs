@@ -1,0 +1,286 @@
+//! `QuantizeLinear` / `DequantizeLinear` that tract 0.23.9 cannot run as such — 16-bit integer
+//! types, or a scale or zero point computed at run time (`DynamicQuantizeLinear` written out in
+//! standard ops) — expanded into the exact float arithmetic the ONNX specification defines:
+//!
+//! - `Q(x, s, zp)  = saturate(round_half_even(x / s) + zp)` → `Div, Round, Add, Max, Min, Cast`;
+//! - `DQ(x, s, zp) = (x − zp) · s` → `Cast, Sub, Mul`.
+//!
+//! Integer values up to 2^24 are exact in f32, so 8- and 16-bit results are bit-exact. Per-axis
+//! parameters are reshaped to broadcast along `axis` (when the input's rank is known). Blocked
+//! quantization, float8 and 4-bit types are left alone (tract reports them).
+
+use std::collections::HashMap;
+
+use tract_onnx::pb::{GraphProto, NodeProto, TensorProto, type_proto};
+
+use super::graph::{
+    FLOAT, INT8, INT32, UINT8, attr_i, constants, f32_tensor, int_attr, node, producers, raw_tensor,
+};
+
+const UINT16: i32 = 4;
+const INT16: i32 = 5;
+
+/// The saturation range of an ONNX integer type code.
+fn range(t: i32) -> Option<(f32, f32)> {
+    Some(match t {
+        UINT8 => (0.0, 255.0),
+        INT8 => (-128.0, 127.0),
+        UINT16 => (0.0, 65535.0),
+        INT16 => (-32768.0, 32767.0),
+        _ => return None,
+    })
+}
+
+/// Element type and rank of graph inputs, outputs and annotated values.
+fn declared(g: &GraphProto) -> HashMap<String, (i32, Option<usize>)> {
+    let mut out = HashMap::new();
+    for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
+        if let Some(type_proto::Value::TensorType(t)) =
+            v.r#type.as_ref().and_then(|t| t.value.as_ref())
+        {
+            out.insert(
+                v.name.clone(),
+                (t.elem_type, t.shape.as_ref().map(|s| s.dim.len())),
+            );
+        }
+    }
+    out
+}
+
+/// The ONNX element type of `name`: a constant's, a `Cast`'s target, or a declared type.
+fn elem_type(
+    nodes: &[NodeProto],
+    consts: &HashMap<String, TensorProto>,
+    prod: &HashMap<String, usize>,
+    decl: &HashMap<String, (i32, Option<usize>)>,
+    name: &str,
+) -> Option<i32> {
+    if let Some(t) = consts.get(name) {
+        return Some(t.data_type);
+    }
+    if let Some(&i) = prod.get(name) {
+        let n = &nodes[i];
+        if n.op_type == "Cast" {
+            return attr_i(n, "to").map(|t| t as i32);
+        }
+        if n.op_type == "Identity" {
+            return elem_type(nodes, consts, prod, decl, &n.input[0]);
+        }
+    }
+    decl.get(name).map(|d| d.0)
+}
+
+fn is_scalar(
+    consts: &HashMap<String, TensorProto>,
+    decl: &HashMap<String, (i32, Option<usize>)>,
+    name: &str,
+) -> bool {
+    consts
+        .get(name)
+        .is_some_and(|t| t.dims.iter().product::<i64>() == 1)
+        || decl.get(name).is_some_and(|d| d.1 == Some(0))
+}
+
+pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
+    let consts = constants(g);
+    let prod = producers(g);
+    let decl = declared(g);
+    let mut out_nodes = Vec::with_capacity(g.node.len());
+    let mut inits = Vec::new();
+    let mut count = 0usize;
+    let nodes = std::mem::take(&mut g.node);
+    for (i, n) in nodes.iter().enumerate() {
+        match expand(&nodes, i, n, &consts, &prod, &decl, &mut inits) {
+            Some(new) => {
+                count += 1;
+                out_nodes.extend(new);
+            }
+            None => out_nodes.push(n.clone()),
+        }
+    }
+    g.node = out_nodes;
+    g.initializer.extend(inits);
+    if count > 0 {
+        report.push(format!("expanded {count} × QuantizeLinear/DequantizeLinear (16-bit or run-time parameters) into exact float ops"));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn expand(
+    nodes: &[NodeProto],
+    i: usize,
+    n: &NodeProto,
+    consts: &HashMap<String, TensorProto>,
+    prod: &HashMap<String, usize>,
+    decl: &HashMap<String, (i32, Option<usize>)>,
+    inits: &mut Vec<TensorProto>,
+) -> Option<Vec<NodeProto>> {
+    let quantize = match (n.op_type.as_str(), n.domain.as_str()) {
+        ("QuantizeLinear", "" | "ai.onnx") => true,
+        ("DequantizeLinear", "" | "ai.onnx") => false,
+        _ => return None,
+    };
+    if attr_i(n, "block_size").unwrap_or(0) != 0 || n.input.len() < 2 || n.output.len() != 1 {
+        return None;
+    }
+    let x = n.input[0].as_str();
+    let scale = n.input[1].as_str();
+    let zp = n.input.get(2).map(String::as_str).filter(|s| !s.is_empty());
+    // The scale has the input's float type (Q) or the output's (DQ) when nothing else says.
+    let scale_type = elem_type(nodes, consts, prod, decl, scale).or_else(|| {
+        if quantize {
+            elem_type(nodes, consts, prod, decl, x)
+        } else {
+            decl.get(n.output[0].as_str()).map(|d| d.0)
+        }
+    })?;
+    if scale_type != FLOAT {
+        return None;
+    }
+    // The integer type: the zero point's, the `output_dtype` attribute's, or uint8.
+    let int_type = match zp {
+        Some(z) => elem_type(nodes, consts, prod, decl, z)?,
+        None if quantize => attr_i(n, "output_dtype").map_or(UINT8, |t| t as i32),
+        None => elem_type(nodes, consts, prod, decl, x)?,
+    };
+    let sixteen = matches!(int_type, UINT16 | INT16);
+    let dynamic = !consts.contains_key(scale) || zp.is_some_and(|z| !consts.contains_key(z));
+    let int32_dq = !quantize && int_type == INT32;
+    if !(sixteen || dynamic || int32_dq) {
+        return None;
+    }
+    if quantize && range(int_type).is_none() {
+        return None;
+    }
+    if !quantize && range(int_type).is_none() && int_type != INT32 {
+        return None;
+    }
+    let p = format!(
+        "{}__qfloat{i}",
+        if n.name.is_empty() {
+            n.output[0].as_str()
+        } else {
+            n.name.as_str()
+        }
+    );
+    let mut out = Vec::new();
+    // Per-axis parameters broadcast along `axis`.
+    let needs_reshape = !is_scalar(consts, decl, scale);
+    let rank = decl.get(x).and_then(|d| d.1);
+    let shape_name = format!("{p}_shape");
+    if needs_reshape {
+        let r = rank?;
+        if r > 1 {
+            let axis = attr_i(n, "axis").unwrap_or(1);
+            let axis = if axis < 0 { axis + r as i64 } else { axis };
+            if !(0..r as i64).contains(&axis) {
+                return None;
+            }
+            let dims: Vec<i64> = (0..r as i64)
+                .map(|d| if d == axis { -1 } else { 1 })
+                .collect();
+            inits.push(raw_tensor(
+                &shape_name,
+                7,
+                &[r as i64],
+                dims.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+        }
+    }
+    let reshape = |name: &str, out: &mut Vec<NodeProto>| -> String {
+        if needs_reshape && rank.is_some_and(|r| r > 1) {
+            let o = format!("{p}_{}_b", out.len());
+            out.push(node(
+                "Reshape",
+                format!("{p}_reshape{}", out.len()),
+                &[name, &shape_name],
+                &[&o],
+                vec![],
+            ));
+            o
+        } else {
+            name.to_string()
+        }
+    };
+    let s = reshape(scale, &mut out);
+    let zf = zp.map(|z| {
+        let zc = format!("{p}_zp_f");
+        out.push(node(
+            "Cast",
+            format!("{p}_zp_cast"),
+            &[z],
+            &[&zc],
+            vec![int_attr("to", i64::from(FLOAT))],
+        ));
+        reshape(&zc, &mut out)
+    });
+    let y = n.output[0].as_str();
+    if quantize {
+        let (lo, hi) = range(int_type)?;
+        let (div, rnd, add, sat_lo, sat_hi) = (
+            format!("{p}_div"),
+            format!("{p}_round"),
+            format!("{p}_add"),
+            format!("{p}_max"),
+            format!("{p}_min"),
+        );
+        let (lo_c, hi_c) = (format!("{p}_lo"), format!("{p}_hi"));
+        inits.push(f32_tensor(&lo_c, &[], &[lo]));
+        inits.push(f32_tensor(&hi_c, &[], &[hi]));
+        out.push(node("Div", div.clone(), &[x, &s], &[&div], vec![]));
+        out.push(node("Round", rnd.clone(), &[&div], &[&rnd], vec![]));
+        let shifted = match &zf {
+            Some(z) => {
+                out.push(node("Add", add.clone(), &[&rnd, z], &[&add], vec![]));
+                add
+            }
+            None => rnd,
+        };
+        out.push(node(
+            "Max",
+            sat_lo.clone(),
+            &[&shifted, &lo_c],
+            &[&sat_lo],
+            vec![],
+        ));
+        out.push(node(
+            "Min",
+            sat_hi.clone(),
+            &[&sat_lo, &hi_c],
+            &[&sat_hi],
+            vec![],
+        ));
+        out.push(node(
+            "Cast",
+            format!("{p}_out"),
+            &[&sat_hi],
+            &[y],
+            vec![int_attr("to", i64::from(int_type))],
+        ));
+    } else {
+        let xf = format!("{p}_x_f");
+        out.push(node(
+            "Cast",
+            format!("{p}_x_cast"),
+            &[x],
+            &[&xf],
+            vec![int_attr("to", i64::from(FLOAT))],
+        ));
+        let centred = match &zf {
+            Some(z) => {
+                let c = format!("{p}_sub");
+                out.push(node("Sub", c.clone(), &[&xf, z], &[&c], vec![]));
+                c
+            }
+            None => xf,
+        };
+        out.push(node(
+            "Mul",
+            format!("{p}_mul"),
+            &[&centred, &s],
+            &[y],
+            vec![],
+        ));
+    }
+    Some(out)
+}
