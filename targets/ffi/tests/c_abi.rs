@@ -32,12 +32,23 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Compiles `src` against the static library; `None` (with the reason printed) when no `cc`.
 fn compile(src: &str, out: &Path) -> Option<PathBuf> {
-    let lib = profile_dir().join("libfedge_ffi.a");
-    assert!(
-        lib.exists(),
-        "{} missing: the staticlib is built with the crate",
-        lib.display()
-    );
+    // `cargo test` builds the staticlib beside the test binary (`deps/`) and only `cargo build`
+    // copies it up to `target/<profile>/`: take the fresher of the two.
+    let candidates = [
+        profile_dir().join("deps/libfedge_ffi.a"),
+        profile_dir().join("libfedge_ffi.a"),
+    ];
+    let lib = candidates
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p)))
+        .max_by_key(|(t, _)| *t)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_else(|| {
+            panic!(
+                "{} missing: the staticlib is built with the crate",
+                candidates[0].display()
+            )
+        });
     let exe = out.join(Path::new(src).file_stem().expect("stem"));
     let status = Command::new("cc")
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
