@@ -10,6 +10,8 @@
 //! - [`Backend`], [`Registry`] (`backend`) and the tract CPU backend (`cpu`);
 //! - [`Tensor`] (`tensor`) and [`npy`]: host tensors and numpy files;
 //! - [`manifest`]: a model's `manifest.toml` (source, licence, shapes, tolerances, references);
+//! - [`train`]: on-device training of a model's head (the federated-learning state), its data
+//!   and its export back to ONNX;
 //! - `import`: the protobuf-level rewrites.
 //!
 //! ```no_run
@@ -30,6 +32,7 @@ mod model;
 pub mod npy;
 mod options;
 mod tensor;
+pub mod train;
 
 pub use backend::{Backend, Executable, Registry};
 pub use error::{Result, RuntimeError};
