@@ -1,0 +1,429 @@
+//! The round loop. One task owns the jobs and is the store's only writer: it judges updates in
+//! batches (one commit per batch, acks after the commit), closes rounds whose time has come,
+//! publishes models and announcements, and serves registry and job commands from the HTTP API.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedge_proto::msg::Outcome;
+use fedge_proto::{PublicKey, topic};
+use rumqttc::{AsyncClient, Publish, QoS};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Config, JobSpec};
+use crate::error::{AggregatorError, StoreError};
+use crate::fl::Strategy;
+use crate::lifecycle::{self, OpError, unix_ms};
+use crate::metrics::Stats;
+use crate::mqtt::Inbound;
+use crate::outgoing::{self, Outgoing, Sealer};
+use crate::records::{DeviceRecord, JobPhase, JobRecord, RoundRecord};
+use crate::rules::RoundCtx;
+use crate::store::Store;
+
+/// Bytes allowed in an update envelope beyond its f32 delta.
+pub const ENVELOPE_HEADROOM: usize = 4096;
+
+/// Most inbound messages judged in one store commit.
+const MAX_BATCH: usize = 512;
+
+/// A request from the HTTP API, answered on `reply`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Command {
+    Register {
+        id: String,
+        key: PublicKey,
+        reply: oneshot::Sender<Result<(DeviceRecord, bool), OpError>>,
+    },
+    Revoke {
+        id: String,
+        reply: oneshot::Sender<Result<DeviceRecord, OpError>>,
+    },
+    CreateJob {
+        spec: Box<JobSpec>,
+        reply: oneshot::Sender<Result<JobRecord, OpError>>,
+    },
+}
+
+/// A job as the engine runs it.
+#[derive(Debug)]
+pub struct JobRun {
+    pub rec: JobRecord,
+    /// The open round; `None` once finished.
+    pub round: Option<RoundRecord>,
+    /// The model of version `rec.model_version`.
+    pub global: Vec<f32>,
+    /// The accepted count at which aggregation last failed (retried when it changes).
+    failed_at: Option<u32>,
+}
+
+impl JobRun {
+    fn load(store: &Store, rec: JobRecord) -> Result<Self, AggregatorError> {
+        let id = rec.spec.id.clone();
+        let global = store
+            .model(&id, rec.model_version)?
+            .ok_or_else(|| StoreError::NotFound(format!("model {id}/{}", rec.model_version)))?;
+        strategy(store, &rec)?;
+        let round = match rec.phase {
+            JobPhase::Running => store
+                .rounds(&id)?
+                .into_iter()
+                .find(|r| r.round == rec.current_round),
+            JobPhase::Finished => None,
+        };
+        Ok(Self {
+            rec,
+            round,
+            global,
+            failed_at: None,
+        })
+    }
+
+    /// The rules' view of the open round.
+    pub fn ctx(&self) -> Option<RoundCtx<'_>> {
+        let s = &self.rec.spec;
+        self.round.as_ref().map(|r| RoundCtx {
+            job: &s.id,
+            round: r.round,
+            param_count: self.rec.param_count,
+            codec: s.codec,
+            max_norm: s.max_norm,
+            late: s.late_policy,
+        })
+    }
+
+    /// Largest update envelope accepted: an f32 delta of the model plus headroom.
+    pub fn max_envelope(&self) -> usize {
+        self.rec.param_count as usize * 4 + ENVELOPE_HEADROOM
+    }
+}
+
+/// The job's strategy with the server state stored after its latest round.
+fn strategy(store: &Store, rec: &JobRecord) -> Result<Strategy, AggregatorError> {
+    let mut strategy = Strategy::build(&rec.spec.strategy).map_err(AggregatorError::Strategy)?;
+    if let Some(state) = store.strategy_state(&rec.spec.id)? {
+        strategy
+            .load_state(&state)
+            .map_err(AggregatorError::Strategy)?;
+    }
+    Ok(strategy)
+}
+
+/// The round loop's state.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    sealer: Sealer,
+    client: AsyncClient,
+    jobs: BTreeMap<String, JobRun>,
+}
+
+impl Engine {
+    /// Loads every stored job, with its open round and strategy state.
+    ///
+    /// # Errors
+    /// Storage errors, or a stored strategy that no longer builds.
+    pub fn new(
+        cfg: Arc<Config>,
+        store: Arc<Store>,
+        stats: Arc<Stats>,
+        sealer: Sealer,
+        client: AsyncClient,
+    ) -> Result<Self, AggregatorError> {
+        let mut jobs = BTreeMap::new();
+        for rec in store.jobs()? {
+            jobs.insert(rec.spec.id.clone(), JobRun::load(&store, rec)?);
+        }
+        Ok(Self {
+            cfg,
+            store,
+            stats,
+            sealer,
+            client,
+            jobs,
+        })
+    }
+
+    /// Runs until an error (storage, broker channel closed). The caller stops it by dropping
+    /// the future: whatever was not committed is as if never received, and nothing uncommitted
+    /// was acknowledged.
+    ///
+    /// # Errors
+    /// Storage failures, and a client whose event loop has gone.
+    pub async fn run(
+        mut self,
+        mut inbound: mpsc::UnboundedReceiver<Inbound>,
+        mut commands: mpsc::Receiver<Command>,
+    ) -> Result<(), AggregatorError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.tick_ms.max(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                Some(first) = inbound.recv() => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match inbound.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    self.handle_inbound(batch).await?;
+                }
+                Some(cmd) = commands.recv() => self.handle_command(cmd).await?,
+                _ = tick.tick() => {}
+            }
+            self.close_due_rounds().await?;
+        }
+    }
+
+    async fn handle_inbound(&mut self, batch: Vec<Inbound>) -> Result<(), AggregatorError> {
+        let mut publishes = Vec::with_capacity(batch.len());
+        for m in batch {
+            match m {
+                Inbound::Connected { .. } => self.on_connected().await?,
+                Inbound::Publish(p) => publishes.push(p),
+            }
+        }
+        if !publishes.is_empty() {
+            self.judge_batch(publishes).await?;
+        }
+        Ok(())
+    }
+
+    /// Judges a batch in one transaction, commits, then acks (MQTT and protocol).
+    async fn judge_batch(&mut self, publishes: Vec<Publish>) -> Result<(), AggregatorError> {
+        let t0 = Instant::now();
+        let txn = self.store.begin()?;
+        let mut verdicts = Vec::with_capacity(publishes.len());
+        for p in &publishes {
+            self.stats.received(p.payload.len());
+            if let Some(v) =
+                crate::judge::judge(&txn, &mut self.jobs, &self.cfg.fleet, &p.topic, &p.payload)?
+            {
+                verdicts.push(v);
+            }
+        }
+        txn.commit()?;
+        self.stats.committed(t0.elapsed().as_secs_f64());
+        let mut out = Vec::with_capacity(verdicts.len());
+        for v in &verdicts {
+            match (v.outcome, &v.accepted_in) {
+                (Outcome::Accepted, Some(job)) => self.stats.accepted(job),
+                (Outcome::Duplicate, _) => self.stats.rejected(fedge_proto::msg::Reason::Duplicate),
+                (Outcome::Rejected(r), _) => self.stats.rejected(r),
+                _ => {}
+            }
+            if v.outcome != Outcome::Accepted {
+                tracing::info!(device = %v.device, seq = v.seq, outcome = ?v.outcome, detail = %v.detail, "update refused");
+            }
+            let (fleet, s) = (&self.cfg.fleet, &mut self.sealer);
+            out.push(outgoing::ack(
+                s, fleet, &v.device, v.seq, v.round, v.outcome, &v.detail,
+            )?);
+        }
+        self.send(out).await?;
+        for p in &publishes {
+            self.client
+                .ack(p)
+                .await
+                .map_err(|e| AggregatorError::Broker(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// After every (re)connection: subscribe to every job's updates, then publish each job's
+    /// retained state again (a restarted broker without persistence has lost it). Subscribing
+    /// first means a device that has seen an announcement can be heard.
+    async fn on_connected(&mut self) -> Result<(), AggregatorError> {
+        let ids: Vec<String> = self.jobs.keys().cloned().collect();
+        for id in &ids {
+            self.subscribe(id).await?;
+        }
+        for id in &ids {
+            self.publish_state(id, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, job: &str) -> Result<(), AggregatorError> {
+        let fleet = &self.cfg.fleet;
+        let filter = match &self.cfg.broker.share_group {
+            Some(group) => topic::shared_updates(group, fleet, job)?,
+            None => topic::job_updates(fleet, job)?,
+        };
+        self.client
+            .subscribe(filter.as_str(), QoS::AtLeastOnce)
+            .await
+            .map_err(|e| AggregatorError::Broker(e.to_string()))
+    }
+
+    /// Publishes the current model's chunks and the announcement; clears the chunks of
+    /// `clear`, an older version, first.
+    async fn publish_state(
+        &mut self,
+        job: &str,
+        clear: Option<u64>,
+    ) -> Result<(), AggregatorError> {
+        let Some(run) = self.jobs.get(job) else {
+            return Ok(());
+        };
+        let fleet = &self.cfg.fleet;
+        let number = run
+            .round
+            .as_ref()
+            .map_or(run.rec.current_round, |r| r.round);
+        let (mut msgs, manifest) =
+            outgoing::model(&mut self.sealer, fleet, &run.rec, &run.global, number)?;
+        if let Some(old) = clear {
+            let mut cleared = outgoing::clear_model(fleet, job, old, manifest.chunk_count)?;
+            cleared.append(&mut msgs);
+            msgs = cleared;
+        }
+        msgs.push(outgoing::announce(
+            &mut self.sealer,
+            fleet,
+            &run.rec,
+            run.round.as_ref(),
+            manifest,
+        )?);
+        self.send(msgs).await
+    }
+
+    async fn send(&self, msgs: Vec<Outgoing>) -> Result<(), AggregatorError> {
+        for m in msgs {
+            self.stats.published(m.payload.len());
+            self.client
+                .publish(m.topic, QoS::AtLeastOnce, m.retain, m.payload)
+                .await
+                .map_err(|e| AggregatorError::Broker(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn close_due_rounds(&mut self) -> Result<(), AggregatorError> {
+        let now = unix_ms();
+        let due: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.round.as_ref().is_some_and(|r| {
+                    j.failed_at != Some(r.accepted)
+                        && crate::rules::should_close(
+                            r.accepted,
+                            r.accepted - r.stale,
+                            r.selected,
+                            j.rec.spec.min_devices,
+                            now,
+                            r.deadline_unix_ms,
+                        )
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for job in due {
+            self.close_round(&job, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Aggregates the open round from its stored updates (by device id, so a rerun after a
+    /// crash computes the same model), then commits the model, the strategy state and the next
+    /// round together, and publishes them.
+    async fn close_round(&mut self, job: &str, now: u64) -> Result<(), AggregatorError> {
+        let store = Arc::clone(&self.store);
+        let Some(run) = self.jobs.get_mut(job) else {
+            return Ok(());
+        };
+        let Some(mut round) = run.round.clone() else {
+            return Ok(());
+        };
+        let updates = store.round_updates(job, round.round)?;
+        let mut strategy = strategy(&store, &run.rec)?;
+        let failures = round.selected.saturating_sub(round.accepted - round.stale) as usize;
+        let t0 = Instant::now();
+        let model = match strategy.aggregate(round.round, &run.global, &updates, failures) {
+            Ok(m) => m,
+            Err(why) => {
+                tracing::error!(job, round = round.round, error = %why, "aggregation failed; waiting for more updates");
+                run.failed_at = Some(round.accepted);
+                return Ok(());
+            }
+        };
+        let aggregation_s = t0.elapsed().as_secs_f64();
+        round.aggregate_ms = Some(aggregation_s * 1e3);
+        let mut rec = run.rec.clone();
+        let txn = store.begin()?;
+        let next =
+            lifecycle::close_round(&txn, &mut rec, &mut round, &model, &strategy.state(), now)?;
+        txn.commit()?;
+        let round_s = now.saturating_sub(round.opened_unix_ms) as f64 / 1e3;
+        self.stats.round_completed(job, aggregation_s, round_s);
+        tracing::info!(
+            job,
+            round = round.round,
+            updates = updates.len(),
+            aggregation_ms = aggregation_s * 1e3,
+            "round closed"
+        );
+        run.rec = rec;
+        run.round = next;
+        run.global = model;
+        run.failed_at = None;
+        let clear = round.round.checked_sub(2);
+        self.publish_state(job, clear).await
+    }
+
+    async fn handle_command(&mut self, cmd: Command) -> Result<(), AggregatorError> {
+        match cmd {
+            Command::Register { id, key, reply } => {
+                let r = self.in_txn(|txn| lifecycle::register(txn, &id, &key, unix_ms()));
+                let _ = reply.send(r);
+            }
+            Command::Revoke { id, reply } => {
+                let r = self.in_txn(|txn| lifecycle::revoke(txn, &id));
+                let _ = reply.send(r);
+            }
+            Command::CreateJob { spec, reply } => {
+                let r = self.create_job(*spec).await;
+                let _ = reply.send(r);
+            }
+        }
+        Ok(())
+    }
+
+    fn in_txn<T>(
+        &self,
+        f: impl FnOnce(&crate::store::Txn) -> Result<T, OpError>,
+    ) -> Result<T, OpError> {
+        let txn = self.store.begin()?;
+        let out = f(&txn)?;
+        txn.commit()?;
+        Ok(out)
+    }
+
+    async fn create_job(&mut self, spec: JobSpec) -> Result<JobRecord, OpError> {
+        spec.validate(self.cfg.broker.max_packet_bytes)?;
+        Strategy::build(&spec.strategy)
+            .map_err(|e| crate::error::ConfigError::Invalid(format!("job {}: {e}", spec.id)))?;
+        let (rec, _) = self.in_txn(|txn| {
+            lifecycle::create_job(txn, spec, self.cfg.broker.max_packet_bytes, unix_ms())
+        })?;
+        let id = rec.spec.id.clone();
+        let run = JobRun::load(&self.store, rec.clone())
+            .map_err(|e| OpError::Store(StoreError::Db(e.to_string())))?;
+        self.jobs.insert(id.clone(), run);
+        tracing::info!(job = %id, "job created");
+        let published = async {
+            self.subscribe(&id).await?;
+            self.publish_state(&id, None).await
+        };
+        published
+            .await
+            .map_err(|e| OpError::Store(StoreError::Db(e.to_string())))?;
+        Ok(rec)
+    }
+}
