@@ -1,0 +1,1016 @@
+//! The agent's core: a synchronous state machine with no network and no async runtime. It is fed
+//! link events, timer ticks and the outcomes of blocking jobs, and answers with [`Action`]s for
+//! the service to carry out (publish, subscribe, run an install off the reactor, ...). It owns the
+//! device's disk state: outbox, transfers, replay guard, sequence numbers.
+//!
+//! Every inbound message goes through [`Trust::open`] and, for commands and acks, the persisted
+//! replay guard, before it is acted on. Refusals are counted and reported as telemetry events.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use fedge_proto::chunk::{Chunk, ChunkManifest};
+use fedge_proto::envelope::{decode, encode};
+use fedge_proto::msg::{Command, Reason, Status};
+use fedge_proto::replay::Freshness;
+use fedge_proto::topic::{self, Topic};
+use fedge_proto::{Envelope, Kind, ProtoError, Signer, check_id};
+
+use crate::config::{CHUNK_OVERHEAD, Config, Limits};
+use crate::inflight::{Inflight, Tag};
+use crate::outbox::{Class, Outbox};
+use crate::seq::Sequencer;
+use crate::state::StateFile;
+use crate::store::{Failure, ModelInfo};
+use crate::telemetry::{Recorder, Snapshot, Stats, rss_bytes};
+use crate::transfer::{StoreError, Transfer, Want, next_window};
+use crate::trust::{Rejection, Trust};
+
+/// The two clocks the core needs: a monotonic one for scheduling and the wall clock for event
+/// timestamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono_ms: u64,
+    pub unix_ms: u64,
+}
+
+/// What the core asks the service to do.
+#[derive(Debug)]
+pub enum Action {
+    /// QoS 1 publish; report a refusal with [`Agent::on_refused`] (and refuse the rest of the
+    /// batch's publishes too, to keep them in order).
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        tag: Tag,
+    },
+    Subscribe(String),
+    Unsubscribe(String),
+    /// Assemble, verify and install the completed transfer, off the reactor; then call
+    /// [`Agent::on_install_done`].
+    Install(Transfer),
+    /// Switch to the previous healthy version, off the reactor; then call
+    /// [`Agent::on_rollback_done`].
+    Rollback,
+    /// Disconnect cleanly (after the offline status was acknowledged).
+    Disconnect,
+}
+
+/// What the core is built from (opened by the service).
+#[derive(Debug)]
+pub struct Parts {
+    pub signer: Arc<Signer>,
+    pub seq: Arc<Mutex<Sequencer>>,
+    pub outbox: Outbox,
+    pub state: StateFile,
+    pub chunks_root: PathBuf,
+    pub model: Option<ModelInfo>,
+    pub stats: Arc<Stats>,
+}
+
+/// The core state machine; see the module docs.
+#[derive(Debug)]
+pub struct Agent {
+    device: String,
+    fleet: String,
+    cmd_topic: String,
+    status_topic: String,
+    telemetry_topic: String,
+    signer: Arc<Signer>,
+    trust: Trust,
+    limits: Limits,
+    event_delay_ms: u64,
+    default_interval_s: u32,
+    seq: Arc<Mutex<Sequencer>>,
+    outbox: Outbox,
+    inflight: Inflight,
+    state: StateFile,
+    chunks_root: PathBuf,
+    transfer: Option<Transfer>,
+    chunk_subs: BTreeSet<u32>,
+    /// The transfer a running install job works on.
+    installing: Option<Want>,
+    /// An install or rollback job is running.
+    busy: bool,
+    model: Option<ModelInfo>,
+    connected: bool,
+    cmd_subscribed: bool,
+    closing: bool,
+    started_ms: u64,
+    next_telemetry_ms: u64,
+    flush_at_ms: Option<u64>,
+    recorder: Recorder,
+    stats: Arc<Stats>,
+}
+
+/// A signed `Status` envelope (the retained status and the last will).
+///
+/// # Errors
+/// Encoding errors (an invalid device id).
+pub fn seal_status(
+    signer: &Signer,
+    device: &str,
+    seq: u64,
+    online: bool,
+    model: Option<&ModelInfo>,
+) -> Result<Vec<u8>, ProtoError> {
+    let status = Status {
+        online,
+        agent_version: env!("CARGO_PKG_VERSION"),
+        model: model.map(ModelInfo::as_ref),
+        public_key: signer.public_key(),
+    };
+    Envelope::new(Kind::Status, device, seq, 0, &encode(&status)?).seal(signer)
+}
+
+impl Agent {
+    /// Builds the core, resuming a transfer a previous run left unfinished.
+    ///
+    /// # Errors
+    /// When a topic name cannot be built (invalid ids are refused by config validation first).
+    pub fn new(cfg: &Config, trust: Trust, parts: Parts, now: Now) -> Result<Self, ProtoError> {
+        let (fleet, device) = (cfg.fleet.as_str(), cfg.device_id.as_str());
+        let transfer = Transfer::resume(&parts.chunks_root).and_then(|t| {
+            let done = parts
+                .model
+                .as_ref()
+                .is_some_and(|m| m.bundle_sha256 == t.want().sha256);
+            if done {
+                t.remove();
+                return None;
+            }
+            Some(t)
+        });
+        let interval = parts
+            .state
+            .state
+            .telemetry_interval_s
+            .unwrap_or(cfg.telemetry.interval_s);
+        Ok(Self {
+            device: device.into(),
+            fleet: fleet.into(),
+            cmd_topic: topic::dev_cmd(fleet, device)?.to_string(),
+            status_topic: topic::dev_status(fleet, device)?.to_string(),
+            telemetry_topic: topic::dev_telemetry(fleet, device)?.to_string(),
+            signer: parts.signer,
+            trust,
+            limits: cfg.limits.clone(),
+            event_delay_ms: cfg.telemetry.event_delay_ms,
+            default_interval_s: cfg.telemetry.interval_s,
+            seq: parts.seq,
+            outbox: parts.outbox,
+            inflight: Inflight::default(),
+            state: parts.state,
+            chunks_root: parts.chunks_root,
+            transfer,
+            chunk_subs: BTreeSet::new(),
+            installing: None,
+            busy: false,
+            model: parts.model,
+            connected: false,
+            cmd_subscribed: false,
+            closing: false,
+            started_ms: now.mono_ms,
+            next_telemetry_ms: now.mono_ms + u64::from(interval) * 1000,
+            flush_at_ms: None,
+            recorder: Recorder::default(),
+            stats: parts.stats,
+        })
+    }
+
+    /// The model being served.
+    pub fn model(&self) -> Option<&ModelInfo> {
+        self.model.as_ref()
+    }
+
+    /// Bytes waiting in the outbox.
+    pub fn outbox_bytes(&self) -> u64 {
+        self.outbox.bytes()
+    }
+
+    /// Messages waiting in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// When [`Agent::on_tick`] has something to do next (monotonic ms).
+    pub fn next_deadline(&self) -> u64 {
+        self.flush_at_ms
+            .map_or(self.next_telemetry_ms, |f| f.min(self.next_telemetry_ms))
+    }
+
+    /// Reports failures found before the core existed (the store's load at start).
+    pub fn report(&mut self, failures: &[Failure], now: Now) {
+        for f in failures {
+            self.reject(
+                Rejection::new(f.reason, format!("at start: {}", f.detail)),
+                now,
+            );
+        }
+    }
+
+    /// At start: installs a transfer a previous run completed but did not install.
+    pub fn on_start(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.maybe_install(&mut out);
+        out
+    }
+
+    /// A connection is up: subscribe, publish the online status, resume the transfer and the
+    /// outbox.
+    pub fn on_connected(&mut self, now: Now) -> Vec<Action> {
+        Stats::bump(&self.stats.connects);
+        self.connected = true;
+        self.inflight.reset();
+        self.chunk_subs.clear();
+        self.cmd_subscribed = true;
+        let mut out = vec![Action::Subscribe(self.cmd_topic.clone())];
+        if let Some(wire) = self.sealed_status(true, now) {
+            self.inflight.queued(Tag::Status);
+            out.push(Action::Publish {
+                topic: self.status_topic.clone(),
+                payload: wire,
+                retain: true,
+                tag: Tag::Status,
+            });
+        }
+        self.subscribe_window(&mut out);
+        self.maybe_install(&mut out);
+        self.pump(&mut out);
+        out
+    }
+
+    /// The connection dropped: nothing is in flight or subscribed any more.
+    pub fn on_disconnected(&mut self) {
+        if self.connected {
+            Stats::bump(&self.stats.disconnects);
+        }
+        self.connected = false;
+        self.inflight.reset();
+        self.chunk_subs.clear();
+    }
+
+    /// A publish was written with `pkid`.
+    pub fn on_written(&mut self, pkid: u16) {
+        self.inflight.written(pkid);
+    }
+
+    /// A publish waits for `pkid` to be acknowledged.
+    pub fn on_await_ack(&mut self, pkid: u16) {
+        self.inflight.collided(pkid);
+    }
+
+    /// The broker acknowledged `pkid`: a delivered outbox message leaves the disk.
+    pub fn on_acked(&mut self, pkid: u16) -> Vec<Action> {
+        let mut out = Vec::new();
+        match self.inflight.acked(pkid) {
+            Some(Tag::Outbox(id)) => {
+                self.outbox.remove(id);
+                Stats::bump(&self.stats.outbox_acked);
+            }
+            Some(Tag::Status) if self.closing => out.push(Action::Disconnect),
+            _ => {}
+        }
+        self.pump(&mut out);
+        out
+    }
+
+    /// The service could not queue a publish; it is sent again later.
+    pub fn on_refused(&mut self, tag: Tag) {
+        self.inflight.refused(tag);
+    }
+
+    /// The service could not queue a subscription; it is retried on the next tick.
+    pub fn on_subscribe_refused(&mut self, filter: &str) {
+        if filter == self.cmd_topic {
+            self.cmd_subscribed = false;
+        } else if let Some(Topic::BundleChunk { index, .. }) = Topic::parse(filter) {
+            self.chunk_subs.remove(&index);
+        }
+    }
+
+    /// Timers: telemetry when due, and retries of what the link refused.
+    pub fn on_tick(&mut self, now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
+        if now.mono_ms >= self.next_deadline() {
+            self.queue_telemetry(now);
+            let interval = self
+                .state
+                .state
+                .telemetry_interval_s
+                .unwrap_or(self.default_interval_s);
+            self.next_telemetry_ms = now.mono_ms + u64::from(interval) * 1000;
+            self.flush_at_ms = None;
+        }
+        if self.connected && !self.cmd_subscribed {
+            self.cmd_subscribed = true;
+            out.push(Action::Subscribe(self.cmd_topic.clone()));
+        }
+        self.subscribe_window(&mut out);
+        self.pump(&mut out);
+        out
+    }
+
+    /// Results of local inference.
+    pub fn on_inferences(&mut self, results: &[(u32, bool)]) {
+        for &(us, ok) in results {
+            self.recorder.inference(us, ok);
+            Stats::bump(if ok {
+                &self.stats.inferences
+            } else {
+                &self.stats.infer_errors
+            });
+        }
+    }
+
+    /// Shutting down: publish the offline status; [`Action::Disconnect`] follows its PUBACK.
+    pub fn shutdown(&mut self, now: Now) -> Vec<Action> {
+        self.closing = true;
+        let mut out = Vec::new();
+        if self.connected
+            && let Some(wire) = self.sealed_status(false, now)
+        {
+            self.inflight.queued(Tag::Status);
+            out.push(Action::Publish {
+                topic: self.status_topic.clone(),
+                payload: wire,
+                retain: true,
+                tag: Tag::Status,
+            });
+        }
+        out
+    }
+
+    /// A message arrived on a subscribed topic.
+    pub fn on_message(&mut self, name: &str, payload: &[u8], now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
+        match Topic::parse(name) {
+            Some(t @ Topic::DevCmd { fleet, device })
+                if fleet == self.fleet && device == self.device =>
+            {
+                self.on_cmd(&t, payload, now, &mut out);
+            }
+            Some(Topic::BundleChunk {
+                fleet,
+                sha256,
+                index,
+            }) if fleet == self.fleet => {
+                self.on_chunk(sha256, index, payload, now, &mut out);
+            }
+            _ => tracing::debug!(topic = name, "message on an unexpected topic ignored"),
+        }
+        out
+    }
+
+    fn on_cmd(&mut self, t: &Topic<'_>, payload: &[u8], now: Now, out: &mut Vec<Action>) {
+        let env = match self
+            .trust
+            .open(payload, self.limits.max_message_bytes, Some(t))
+        {
+            Ok(env) => env,
+            Err(r) => return self.reject(r, now),
+        };
+        match self.state.state.replay.check(env.sender, env.seq) {
+            Freshness::Fresh => {
+                if let Err(e) = self.state.save() {
+                    return self.reject(
+                        Rejection::new(Reason::Storage, format!("replay state: {e}")),
+                        now,
+                    );
+                }
+            }
+            Freshness::Duplicate => {
+                self.stats.reject(Reason::Duplicate);
+                return tracing::debug!(sender = env.sender, seq = env.seq, "duplicate ignored");
+            }
+            Freshness::Replay => {
+                let last = self.state.state.replay.last(env.sender).unwrap_or(0);
+                let detail = format!(
+                    "{:?} seq {} from {} (last accepted {last})",
+                    env.kind, env.seq, env.sender
+                );
+                return self.reject(Rejection::new(Reason::Replay, detail), now);
+            }
+        }
+        match env.kind {
+            Kind::Command => match decode::<Command<'_>>(env.payload) {
+                Ok(c) => self.on_command(c, now, out),
+                Err(e) => self.reject(
+                    Rejection::new(Reason::Malformed, format!("command: {e}")),
+                    now,
+                ),
+            },
+            // Acks answer the FL client's updates; nothing else waits for them yet.
+            _ => tracing::debug!(kind = ?env.kind, seq = env.seq, "ack received"),
+        }
+    }
+
+    fn on_command(&mut self, c: Command<'_>, now: Now, out: &mut Vec<Action>) {
+        tracing::info!(command = ?c, "operator command");
+        match c {
+            Command::Install {
+                name,
+                version,
+                bundle,
+            } => self.start_install(name, version, &bundle, now, out),
+            Command::Rollback if self.busy => {
+                self.reject(
+                    Rejection::new(Reason::Internal, "rollback refused: an install is running"),
+                    now,
+                );
+            }
+            Command::Rollback => {
+                self.busy = true;
+                out.push(Action::Rollback);
+            }
+            Command::Ping => self.flush_soon(now, 0),
+            Command::SetTelemetryInterval { seconds: 0 } => {
+                self.reject(
+                    Rejection::new(Reason::Malformed, "telemetry interval of 0 s"),
+                    now,
+                );
+            }
+            Command::SetTelemetryInterval { seconds } => {
+                self.state.state.telemetry_interval_s = Some(seconds);
+                if let Err(e) = self.state.save() {
+                    tracing::warn!(error = %e, "telemetry interval not persisted");
+                }
+                self.next_telemetry_ms = now.mono_ms + u64::from(seconds) * 1000;
+            }
+        }
+    }
+
+    fn start_install(
+        &mut self,
+        name: &str,
+        version: u64,
+        m: &ChunkManifest,
+        now: Now,
+        out: &mut Vec<Action>,
+    ) {
+        if let Err(e) = check_id(name) {
+            return self.reject(
+                Rejection::new(Reason::Malformed, format!("install name: {e}")),
+                now,
+            );
+        }
+        if m.validate(self.limits.max_bundle_bytes, self.limits.max_chunk_bytes)
+            .is_err()
+        {
+            let consistent = m.chunk_size > 0
+                && u64::from(m.chunk_count) == m.total_len.div_ceil(u64::from(m.chunk_size));
+            let reason = if consistent {
+                Reason::Oversize
+            } else {
+                Reason::Malformed
+            };
+            let detail = format!(
+                "install {name} v{version}: manifest of {} bytes in {} chunks of {} (limits {} and {})",
+                m.total_len,
+                m.chunk_count,
+                m.chunk_size,
+                self.limits.max_bundle_bytes,
+                self.limits.max_chunk_bytes
+            );
+            return self.reject(Rejection::new(reason, detail), now);
+        }
+        let want = Want::new(name, version, m);
+        let active = self
+            .model
+            .as_ref()
+            .is_some_and(|a| a.bundle_sha256 == want.sha256);
+        if active || self.installing.as_ref() == Some(&want) {
+            return self.flush_soon(now, 0);
+        }
+        if self.transfer.as_ref().is_none_or(|t| *t.want() != want) {
+            self.drop_transfer(out);
+            match Transfer::open(&self.chunks_root, want) {
+                Ok(t) => self.transfer = Some(t),
+                Err(e) => {
+                    return self.reject(
+                        Rejection::new(Reason::Storage, format!("chunk store: {e}")),
+                        now,
+                    );
+                }
+            }
+        }
+        self.subscribe_window(out);
+        self.maybe_install(out);
+    }
+
+    fn drop_transfer(&mut self, out: &mut Vec<Action>) {
+        if let Some(t) = self.transfer.take() {
+            self.unsubscribe_all(&t.manifest().sha256, out);
+            t.remove();
+        }
+    }
+
+    fn unsubscribe_all(&mut self, sha: &[u8; 32], out: &mut Vec<Action>) {
+        for i in std::mem::take(&mut self.chunk_subs) {
+            if self.connected
+                && let Ok(t) = topic::bundle_chunk(&self.fleet, sha, i)
+            {
+                out.push(Action::Unsubscribe(t.to_string()));
+            }
+        }
+    }
+
+    fn on_chunk(
+        &mut self,
+        sha: [u8; 32],
+        index: u32,
+        payload: &[u8],
+        now: Now,
+        out: &mut Vec<Action>,
+    ) {
+        Stats::bump(&self.stats.chunks_received);
+        let Some(t) = self
+            .transfer
+            .as_mut()
+            .filter(|t| t.manifest().sha256 == sha)
+        else {
+            Stats::bump(&self.stats.chunks_ignored);
+            return;
+        };
+        let chunk_size = t.manifest().chunk_size;
+        let topic = Topic::BundleChunk {
+            fleet: &self.fleet,
+            sha256: sha,
+            index,
+        };
+        let env = match self
+            .trust
+            .open(payload, chunk_size as usize + CHUNK_OVERHEAD, Some(&topic))
+        {
+            Ok(env) => env,
+            Err(r) => {
+                return self.reject(
+                    Rejection::new(r.reason, format!("chunk {index}: {}", r.detail)),
+                    now,
+                );
+            }
+        };
+        let stored = match decode::<Chunk<'_>>(env.payload) {
+            Ok(c) if c.object == sha && c.index == index => {
+                t.store(index, c.data).map_err(|e| match e {
+                    StoreError::Proto(_) if c.data.len() > chunk_size as usize => Reason::Oversize,
+                    StoreError::Proto(_) => Reason::Malformed,
+                    StoreError::Io(_) => Reason::Storage,
+                })
+            }
+            Ok(_) => Err(Reason::Malformed),
+            Err(_) => Err(Reason::Malformed),
+        };
+        match stored {
+            Ok(true) => Stats::bump(&self.stats.chunks_stored),
+            Ok(false) => Stats::bump(&self.stats.chunks_duplicate),
+            Err(reason) => {
+                return self.reject(
+                    Rejection::new(reason, format!("chunk {index} does not fit its manifest")),
+                    now,
+                );
+            }
+        }
+        if self.chunk_subs.remove(&index)
+            && self.connected
+            && let Ok(t) = topic::bundle_chunk(&self.fleet, &sha, index)
+        {
+            out.push(Action::Unsubscribe(t.to_string()));
+        }
+        self.subscribe_window(out);
+        self.maybe_install(out);
+    }
+
+    fn subscribe_window(&mut self, out: &mut Vec<Action>) {
+        let Some(t) = self.transfer.as_ref().filter(|_| self.connected) else {
+            return;
+        };
+        for i in next_window(t, &self.chunk_subs, self.limits.chunk_window) {
+            if let Ok(name) = topic::bundle_chunk(&self.fleet, &t.manifest().sha256, i) {
+                self.chunk_subs.insert(i);
+                Stats::bump(&self.stats.chunk_requests);
+                out.push(Action::Subscribe(name.to_string()));
+            }
+        }
+    }
+
+    fn maybe_install(&mut self, out: &mut Vec<Action>) {
+        if self.busy || !self.transfer.as_ref().is_some_and(Transfer::is_complete) {
+            return;
+        }
+        if let Some(t) = self.transfer.take() {
+            self.unsubscribe_all(&t.manifest().sha256, out);
+            self.busy = true;
+            self.installing = Some(t.want().clone());
+            out.push(Action::Install(t));
+        }
+    }
+
+    /// The install job finished. A transfer handed back (chunks lost on disk) is fetched again.
+    pub fn on_install_done(
+        &mut self,
+        result: Result<ModelInfo, Failure>,
+        back: Option<Transfer>,
+        now: Now,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.busy = false;
+        let want = self.installing.take();
+        let what = want.map_or_else(String::new, |w| {
+            format!("install {} v{}: ", w.name, w.version)
+        });
+        match result {
+            Ok(info) => {
+                tracing::info!(model = %info.name, version = info.version, "model installed and serving");
+                Stats::bump(&self.stats.installs);
+                self.model = Some(info);
+                self.publish_status(now, &mut out);
+                self.flush_soon(now, 0);
+            }
+            Err(f) => {
+                Stats::bump(&self.stats.install_failures);
+                self.reject(Rejection::new(f.reason, format!("{what}{}", f.detail)), now);
+            }
+        }
+        if let Some(t) = back
+            && self.transfer.is_none()
+        {
+            self.transfer = Some(t);
+        }
+        self.subscribe_window(&mut out);
+        self.maybe_install(&mut out);
+        out
+    }
+
+    /// The rollback job finished.
+    pub fn on_rollback_done(
+        &mut self,
+        result: Result<ModelInfo, Failure>,
+        now: Now,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.busy = false;
+        match result {
+            Ok(info) => {
+                tracing::info!(model = %info.name, version = info.version, "rolled back");
+                Stats::bump(&self.stats.rollbacks);
+                self.model = Some(info);
+                self.publish_status(now, &mut out);
+                self.flush_soon(now, 0);
+            }
+            Err(f) => self.reject(
+                Rejection::new(f.reason, format!("rollback: {}", f.detail)),
+                now,
+            ),
+        }
+        self.maybe_install(&mut out);
+        out
+    }
+
+    fn publish_status(&mut self, now: Now, out: &mut Vec<Action>) {
+        if self.connected
+            && let Some(wire) = self.sealed_status(true, now)
+        {
+            self.inflight.queued(Tag::Status);
+            out.push(Action::Publish {
+                topic: self.status_topic.clone(),
+                payload: wire,
+                retain: true,
+                tag: Tag::Status,
+            });
+        }
+    }
+
+    fn next_seq(&mut self, now: Now) -> Option<u64> {
+        let r = self
+            .seq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next_seq();
+        match r {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.reject(
+                    Rejection::new(Reason::Storage, format!("sequence number: {e}")),
+                    now,
+                );
+                None
+            }
+        }
+    }
+
+    fn sealed_status(&mut self, online: bool, now: Now) -> Option<Vec<u8>> {
+        let seq = self.next_seq(now)?;
+        seal_status(&self.signer, &self.device, seq, online, self.model.as_ref())
+            .inspect_err(|e| tracing::error!(error = %e, "status not sealed"))
+            .ok()
+    }
+
+    /// Counts a refusal and reports it in the next telemetry message.
+    fn reject(&mut self, r: Rejection, now: Now) {
+        tracing::warn!(reason = r.reason.as_str(), detail = %r.detail, "refused");
+        self.stats.reject(r.reason);
+        self.recorder.event(r.reason, &r.detail, now.unix_ms);
+        self.flush_soon(now, self.event_delay_ms);
+    }
+
+    fn flush_soon(&mut self, now: Now, delay_ms: u64) {
+        let at = now.mono_ms + delay_ms;
+        self.flush_at_ms = Some(self.flush_at_ms.map_or(at, |f| f.min(at)));
+    }
+
+    /// Seals a telemetry message into the outbox: periodic ones may be dropped when the outbox is
+    /// full, ones carrying events may not.
+    fn queue_telemetry(&mut self, now: Now) {
+        let Some(seq) = self.next_seq(now) else {
+            return;
+        };
+        let class = if self.recorder.has_events() {
+            Class::Reliable
+        } else {
+            Class::Telemetry
+        };
+        let snap = Snapshot {
+            uptime_s: now.mono_ms.saturating_sub(self.started_ms) / 1000,
+            model: self.model.as_ref().map(ModelInfo::as_ref),
+            rss_bytes: rss_bytes(),
+            outbox_bytes: self.outbox.bytes(),
+        };
+        let wire = {
+            let t = self.recorder.telemetry(snap, &self.stats);
+            encode(&t).and_then(|p| {
+                Envelope::new(Kind::Telemetry, &self.device, seq, 0, &p).seal(&self.signer)
+            })
+        };
+        let queued = match wire {
+            Ok(w) => self
+                .outbox
+                .push(class, &self.telemetry_topic, &w)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match queued {
+            Ok(_) => {
+                Stats::bump(&self.stats.outbox_queued);
+                self.recorder.clear_events();
+            }
+            Err(e) => tracing::warn!(error = %e, "telemetry not queued"),
+        }
+    }
+
+    /// Hands unsent outbox messages to the link, oldest first, within the publish window.
+    fn pump(&mut self, out: &mut Vec<Action>) {
+        if !self.connected || self.closing {
+            return;
+        }
+        let room =
+            (self.limits.publish_window as usize).saturating_sub(self.inflight.outbox_count());
+        let ids: Vec<u64> = self
+            .outbox
+            .ids_after(None)
+            .filter(|id| !self.inflight.contains(Tag::Outbox(*id)))
+            .take(room)
+            .collect();
+        for id in ids {
+            match self.outbox.get(id) {
+                Some(q) => {
+                    self.inflight.queued(Tag::Outbox(id));
+                    out.push(Action::Publish {
+                        topic: q.topic,
+                        payload: q.payload,
+                        retain: false,
+                        tag: Tag::Outbox(id),
+                    });
+                }
+                None => self.outbox.remove(id),
+            }
+        }
+    }
+
+    /// Queues a message of the device's own in the outbox (the FL client's updates go this way).
+    ///
+    /// # Errors
+    /// The outbox refused it (full of messages that are never dropped, or an I/O error).
+    pub fn enqueue(
+        &mut self,
+        class: Class,
+        topic: &str,
+        kind: Kind,
+        round: u64,
+        payload: &[u8],
+        now: Now,
+    ) -> Result<u64, String> {
+        let seq = self.next_seq(now).ok_or("no sequence number")?;
+        let wire = Envelope::new(kind, &self.device, seq, round, payload)
+            .seal(&self.signer)
+            .map_err(|e| e.to_string())?;
+        self.outbox
+            .push(class, topic, &wire)
+            .map_err(|e| e.to_string())?;
+        Stats::bump(&self.stats.outbox_queued);
+        Ok(seq)
+    }
+
+    /// Hands queued messages to the link (after [`Agent::enqueue`]).
+    pub fn flush(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.pump(&mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsx::testdir::TestDir;
+    use crate::telemetry::Stats;
+    use fedge_proto::envelope::encode;
+
+    const NOW: Now = Now {
+        mono_ms: 1000,
+        unix_ms: 1,
+    };
+
+    struct Fixture {
+        _dir: TestDir,
+        op: Signer,
+        agent: Agent,
+        stats: Arc<Stats>,
+    }
+
+    fn fixture(tag: &str, window: u32) -> Fixture {
+        let dir = TestDir::new(tag);
+        let op = Signer::generate().expect("key").0;
+        let text = format!(
+            "device_id = \"d\"\nfleet = \"f\"\noperator_key = \"{}\"\ndata_dir = {:?}\n[broker]\nurl = \"mqtt://127.0.0.1:1\"\n[limits]\nchunk_window = {window}\nmax_chunk_bytes = 1024\n",
+            op.public_key(),
+            dir.path()
+        );
+        let cfg = Config::from_toml(&text).expect("config");
+        let trust = Trust {
+            operator: op.public_key(),
+            operator_id: None,
+            aggregator: None,
+            aggregator_id: None,
+        };
+        let stats = Arc::new(Stats::default());
+        let chunks_root = dir.path().join("chunks");
+        std::fs::create_dir_all(&chunks_root).expect("chunks");
+        let parts = Parts {
+            signer: Arc::new(Signer::generate().expect("key").0),
+            seq: Arc::new(Mutex::new(
+                Sequencer::open(&dir.path().join("seq")).expect("seq"),
+            )),
+            outbox: Outbox::open(&dir.path().join("outbox"), 1 << 20, false).expect("outbox"),
+            state: StateFile::open(&dir.path().join("state.json")).expect("state"),
+            chunks_root,
+            model: None,
+            stats: stats.clone(),
+        };
+        let agent = Agent::new(&cfg, trust, parts, NOW).expect("agent");
+        Fixture {
+            _dir: dir,
+            op,
+            agent,
+            stats,
+        }
+    }
+
+    fn command(op: &Signer, seq: u64, c: &Command<'_>) -> Vec<u8> {
+        Envelope::new(Kind::Command, "op", seq, 0, &encode(c).expect("encode"))
+            .seal(op)
+            .expect("seal")
+    }
+
+    fn published(acts: &[Action]) -> Vec<Tag> {
+        acts.iter()
+            .filter_map(|a| {
+                if let Action::Publish { tag, .. } = a {
+                    Some(*tag)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn subscribed(acts: &[Action]) -> Vec<String> {
+        acts.iter()
+            .filter_map(|a| {
+                if let Action::Subscribe(t) = a {
+                    Some(t.clone())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn resends_what_the_broker_did_not_acknowledge_after_a_reconnect() {
+        let mut f = fixture("agent-resend", 4);
+        let acts = f.agent.on_connected(NOW);
+        assert_eq!(published(&acts), [Tag::Status]);
+        for _ in 0..3 {
+            f.agent
+                .enqueue(Class::Reliable, "t", Kind::Update, 0, b"u", NOW)
+                .expect("enqueue");
+        }
+        let acts = f.agent.flush();
+        assert_eq!(
+            published(&acts),
+            [Tag::Outbox(0), Tag::Outbox(1), Tag::Outbox(2)]
+        );
+        for pkid in 1..=4 {
+            f.agent.on_written(pkid);
+        }
+        f.agent.on_acked(2);
+        assert_eq!(f.agent.outbox_len(), 2);
+        f.agent.on_disconnected();
+        let acts = f.agent.on_connected(NOW);
+        assert_eq!(
+            published(&acts),
+            [Tag::Status, Tag::Outbox(1), Tag::Outbox(2)]
+        );
+        assert_eq!(Stats::get(&f.stats.outbox_acked), 1);
+    }
+
+    #[test]
+    fn commands_are_verified_and_replays_refused() {
+        let mut f = fixture("agent-cmd", 4);
+        let cmd = "fedge/v1/f/dev/d/cmd";
+        f.agent.on_connected(NOW);
+        let ping = command(&f.op, 5, &Command::Ping);
+        f.agent.on_message(cmd, &ping, NOW);
+        assert_eq!(
+            f.agent.next_deadline(),
+            NOW.mono_ms,
+            "a ping sends telemetry now"
+        );
+        f.agent.on_message(cmd, &ping, NOW);
+        assert_eq!(f.stats.rejected(Reason::Duplicate), 1);
+        f.agent
+            .on_message(cmd, &command(&f.op, 4, &Command::Ping), NOW);
+        assert_eq!(f.stats.rejected(Reason::Replay), 1);
+        let mallory = Signer::generate().expect("key").0;
+        f.agent
+            .on_message(cmd, &command(&mallory, 9, &Command::Rollback), NOW);
+        assert_eq!(f.stats.rejected(Reason::BadSignature), 1);
+        let acts = f
+            .agent
+            .on_message(cmd, &command(&f.op, 6, &Command::Rollback), NOW);
+        assert!(matches!(acts.as_slice(), [Action::Rollback]));
+        // The telemetry that reports them is never dropped from the outbox.
+        let acts = f.agent.on_tick(NOW);
+        assert_eq!(published(&acts).len(), 1);
+    }
+
+    #[test]
+    fn a_transfer_requests_only_missing_chunks_in_a_window() {
+        let mut f = fixture("agent-window", 3);
+        let cmd = "fedge/v1/f/dev/d/cmd";
+        f.agent.on_connected(NOW);
+        let object = vec![9u8; 10 * 100];
+        let m = ChunkManifest::of(&object, 100).expect("manifest");
+        let install = command(
+            &f.op,
+            1,
+            &Command::Install {
+                name: "m",
+                version: 1,
+                bundle: m,
+            },
+        );
+        let acts = f.agent.on_message(cmd, &install, NOW);
+        let topic = |i: u32| {
+            topic::bundle_chunk("f", &m.sha256, i)
+                .expect("topic")
+                .to_string()
+        };
+        assert_eq!(subscribed(&acts), [topic(0), topic(1), topic(2)]);
+        let c1 = m.split(&object).nth(1).expect("chunk");
+        let wire = Envelope::new(Kind::Chunk, "op", 0, 0, &encode(&c1).expect("encode"))
+            .seal(&f.op)
+            .expect("seal");
+        let acts = f.agent.on_message(&topic(1), &wire, NOW);
+        assert!(matches!(&acts[0], Action::Unsubscribe(t) if *t == topic(1)));
+        assert_eq!(subscribed(&acts), [topic(3)]);
+        f.agent.on_disconnected();
+        let acts = f.agent.on_connected(NOW);
+        assert_eq!(subscribed(&acts)[1..], [topic(0), topic(2), topic(3)]);
+        // A chunk larger than the manifest's chunk size is refused before it is decoded.
+        let big = fedge_proto::chunk::Chunk {
+            object: m.sha256,
+            index: 0,
+            data: &[0; 1000],
+        };
+        let wire = Envelope::new(Kind::Chunk, "op", 0, 0, &encode(&big).expect("encode"))
+            .seal(&f.op)
+            .expect("seal");
+        f.agent.on_message(&topic(0), &wire, NOW);
+        assert_eq!(f.stats.rejected(Reason::Oversize), 1);
+        assert_eq!(Stats::get(&f.stats.chunks_stored), 1);
+    }
+}
