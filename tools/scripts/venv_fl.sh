@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create or reuse the federated-learning venv at $REPO/.cache/venv-fl and print its python path.
-# Same contract as venv.sh, for requirements-fl.txt (Flower, numpy and their pinned closure,
-# installed with --no-deps; see that file): the venv is reused when
-# the sha256 of requirements-fl.txt matches the stamp written after the last successful install.
+# Same contract as venv.sh, for requirements-fl.txt (Flower, numpy, dp-accounting and their
+# pinned closure, installed with --no-deps; see that file): the venv is reused when the sha256
+# of requirements-fl.txt matches the stamp written after the last successful install.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"

@@ -8,6 +8,8 @@
 //!   [`TrimmedMean`], [`Krum`] (and Multi-Krum).
 //! - [`codec`]: encoding updates as f32, f16 or block-scaled int8, with validating decode.
 //! - [`vector`]: [`l2_norm`], [`clip_l2`], [`delta`], [`apply_delta`].
+//! - [`dp`]: differential privacy: L2 clipping (fixed and adaptive), Gaussian noise on the
+//!   device or on the server's sum, and an RDP accountant with a per-job ε budget.
 //! - [`ClientUpdate`], [`RoundConfig`], [`RoundOptions`]: what flows in and out of a round.
 //! - [`FlError`]: every failure, as a value.
 //!
@@ -33,6 +35,7 @@
 //! ```
 
 pub mod codec;
+pub mod dp;
 mod error;
 mod round;
 pub mod strategy;
