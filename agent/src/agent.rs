@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use fedge_proto::chunk::{Chunk, ChunkManifest};
 use fedge_proto::envelope::{decode, encode};
-use fedge_proto::msg::{Command, Reason, Status};
+use fedge_proto::msg::{Ack, Command, Outcome, Reason, RoundAnnounce, Status, Update};
 use fedge_proto::replay::Freshness;
 use fedge_proto::topic::{self, Topic};
 use fedge_proto::{Envelope, Kind, ProtoError, Signer, check_id};
 
 use crate::config::{CHUNK_OVERHEAD, Config, Limits};
+use crate::fl::{Learner, TrainJob, Trained};
 use crate::inflight::{Inflight, Tag};
 use crate::outbox::{Class, Outbox};
 use crate::seq::Sequencer;
@@ -54,6 +55,9 @@ pub enum Action {
     /// Switch to the previous healthy version, off the reactor; then call
     /// [`Agent::on_rollback_done`].
     Rollback,
+    /// Train on the local data for a federated round, off the reactor; then call
+    /// [`Agent::on_train_done`].
+    Train(Box<TrainJob>),
     /// Disconnect cleanly (after the offline status was acknowledged).
     Disconnect,
 }
@@ -68,6 +72,8 @@ pub struct Parts {
     pub chunks_root: PathBuf,
     pub model: Option<ModelInfo>,
     pub stats: Arc<Stats>,
+    /// The federated-learning client, when the configuration has a `[learn]` section.
+    pub learner: Option<Learner>,
 }
 
 /// The core state machine; see the module docs.
@@ -103,6 +109,9 @@ pub struct Agent {
     flush_at_ms: Option<u64>,
     recorder: Recorder,
     stats: Arc<Stats>,
+    learner: Option<Learner>,
+    learn_subscribed: bool,
+    max_packet: usize,
 }
 
 /// A signed `Status` envelope (the retained status and the last will).
@@ -177,6 +186,9 @@ impl Agent {
             flush_at_ms: None,
             recorder: Recorder::default(),
             stats: parts.stats,
+            learner: parts.learner,
+            learn_subscribed: false,
+            max_packet: cfg.broker.max_packet_bytes,
         })
     }
 
@@ -227,6 +239,10 @@ impl Agent {
         self.chunk_subs.clear();
         self.cmd_subscribed = true;
         let mut out = vec![Action::Subscribe(self.cmd_topic.clone())];
+        if let Some(l) = &self.learner {
+            l.on_connected(&mut out);
+            self.learn_subscribed = true;
+        }
         if let Some(wire) = self.sealed_status(true, now) {
             self.inflight.queued(Tag::Status);
             out.push(Action::Publish {
@@ -286,6 +302,10 @@ impl Agent {
     pub fn on_subscribe_refused(&mut self, filter: &str) {
         if filter == self.cmd_topic {
             self.cmd_subscribed = false;
+        } else if matches!(Topic::parse(filter), Some(Topic::JobRound { .. }))
+            || filter.contains("/model/")
+        {
+            self.learn_subscribed = false;
         } else if let Some(Topic::BundleChunk { index, .. }) = Topic::parse(filter) {
             self.chunk_subs.remove(&index);
         }
@@ -307,6 +327,13 @@ impl Agent {
         if self.connected && !self.cmd_subscribed {
             self.cmd_subscribed = true;
             out.push(Action::Subscribe(self.cmd_topic.clone()));
+        }
+        if self.connected
+            && !self.learn_subscribed
+            && let Some(l) = &self.learner
+        {
+            self.learn_subscribed = true;
+            l.on_connected(&mut out);
         }
         self.subscribe_window(&mut out);
         self.pump(&mut out);
@@ -359,6 +386,19 @@ impl Agent {
             }) if fleet == self.fleet => {
                 self.on_chunk(sha256, index, payload, now, &mut out);
             }
+            Some(t @ Topic::JobRound { fleet, job }) if fleet == self.fleet => {
+                self.on_round(&t, job, payload, now, &mut out);
+            }
+            Some(
+                t @ Topic::JobModelChunk {
+                    fleet,
+                    job,
+                    version,
+                    index,
+                },
+            ) if fleet == self.fleet => {
+                self.on_model_chunk(&t, (job, version, index), payload, now, &mut out);
+            }
             _ => tracing::debug!(topic = name, "message on an unexpected topic ignored"),
         }
         out
@@ -402,8 +442,213 @@ impl Agent {
                     now,
                 ),
             },
-            // Acks answer the FL client's updates; nothing else waits for them yet.
-            _ => tracing::debug!(kind = ?env.kind, seq = env.seq, "ack received"),
+            Kind::Ack => match decode::<Ack<'_>>(env.payload) {
+                Ok(a) => self.on_ack(&a, now),
+                Err(e) => self.reject(Rejection::new(Reason::Malformed, format!("ack: {e}")), now),
+            },
+            _ => tracing::debug!(kind = ?env.kind, seq = env.seq, "ignored on the command topic"),
+        }
+    }
+
+    /// A round announcement: verified against the aggregator key, then checked for freshness
+    /// with a guard of its own (announcements and acks share the aggregator's sequence, and a
+    /// retained announcement arrives again after every reconnection). A duplicate is acted on
+    /// again: the learner knows which rounds it has already submitted.
+    fn on_round(
+        &mut self,
+        t: &Topic<'_>,
+        job: &str,
+        payload: &[u8],
+        now: Now,
+        out: &mut Vec<Action>,
+    ) {
+        if self.learner.is_none() || payload.is_empty() {
+            return;
+        }
+        let env = match self
+            .trust
+            .open(payload, self.limits.max_message_bytes, Some(t))
+        {
+            Ok(env) => env,
+            Err(r) => return self.reject(r, now),
+        };
+        let a = match decode::<RoundAnnounce<'_>>(env.payload) {
+            Ok(a) if a.job == job => a,
+            Ok(a) => {
+                let detail = format!("announcement of job {} on the topic of {job}", a.job);
+                return self.reject(Rejection::new(Reason::WrongJob, detail), now);
+            }
+            Err(e) => {
+                return self.reject(
+                    Rejection::new(Reason::Malformed, format!("announcement: {e}")),
+                    now,
+                );
+            }
+        };
+        let key = format!("{}#round/{job}", env.sender);
+        match self.state.state.replay.check(&key, env.seq) {
+            Freshness::Fresh => {
+                if let Err(e) = self.state.save() {
+                    let detail = format!("replay state: {e}");
+                    return self.reject(Rejection::new(Reason::Storage, detail), now);
+                }
+            }
+            Freshness::Duplicate => {}
+            Freshness::Replay => {
+                let detail = format!(
+                    "announcement seq {} of {job} is older than the last one",
+                    env.seq
+                );
+                return self.reject(Rejection::new(Reason::Replay, detail), now);
+            }
+        }
+        let r = self.learner.as_mut().map(|l| l.on_announce(&a, out));
+        match r {
+            Some(Ok(true)) => Stats::bump(&self.stats.rounds_joined),
+            Some(Err(r)) => self.reject(r, now),
+            _ => {}
+        }
+    }
+
+    fn on_model_chunk(
+        &mut self,
+        t: &Topic<'_>,
+        (job, version, index): (&str, u64, u32),
+        payload: &[u8],
+        now: Now,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(chunk_size) = self.learner.as_ref().and_then(|l| l.wants(job, version)) else {
+            return;
+        };
+        if payload.is_empty() {
+            return;
+        }
+        let env = match self
+            .trust
+            .open(payload, chunk_size as usize + CHUNK_OVERHEAD, Some(t))
+        {
+            Ok(env) => env,
+            Err(r) => {
+                let detail = format!("model chunk {index}: {}", r.detail);
+                return self.reject(Rejection::new(r.reason, detail), now);
+            }
+        };
+        let c = match decode::<Chunk<'_>>(env.payload) {
+            Ok(c) if c.index == index => c,
+            _ => {
+                let detail = format!("model chunk {index} of {job} v{version} does not decode");
+                return self.reject(Rejection::new(Reason::Malformed, detail), now);
+            }
+        };
+        let r = self.learner.as_mut().map(|l| l.on_chunk(&c, out));
+        match r {
+            Some(Ok(true)) => Stats::add(&self.stats.model_bytes, c.data.len() as u64),
+            Some(Err(r)) => self.reject(r, now),
+            _ => {}
+        }
+    }
+
+    /// The aggregator's answer to an update. A refusal is reported as an event carrying the
+    /// aggregator's reason.
+    fn on_ack(&mut self, a: &Ack<'_>, now: Now) {
+        if a.kind != Kind::Update {
+            return tracing::debug!(kind = ?a.kind, seq = a.seq, "ack ignored");
+        }
+        let which = self.learner.as_mut().and_then(|l| l.acked(a.seq));
+        let (job, round) = which.unwrap_or_else(|| (String::from("?"), a.round));
+        match a.outcome {
+            Outcome::Accepted | Outcome::Duplicate => {
+                Stats::bump(&self.stats.updates_accepted);
+                tracing::info!(job, round, seq = a.seq, outcome = ?a.outcome, "update acknowledged");
+            }
+            Outcome::Rejected(reason) => {
+                Stats::bump(&self.stats.updates_refused);
+                let detail = format!(
+                    "update for round {round} of {job} refused by the aggregator: {}",
+                    a.detail
+                );
+                self.reject(Rejection::new(reason, detail), now);
+            }
+        }
+    }
+
+    /// A training job ended: its update goes to the outbox, and the next pending round starts.
+    pub fn on_train_done(&mut self, result: Result<Trained, Failure>, now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
+        match result {
+            Ok(t) => self.submit_update(&t, now),
+            Err(f) => self.reject(
+                Rejection::new(f.reason, format!("training: {}", f.detail)),
+                now,
+            ),
+        }
+        let refused = self
+            .learner
+            .as_mut()
+            .map(|l| l.on_trained(&mut out))
+            .unwrap_or_default();
+        for r in refused {
+            self.reject(r, now);
+        }
+        self.pump(&mut out);
+        out
+    }
+
+    fn submit_update(&mut self, t: &Trained, now: Now) {
+        let u = Update {
+            job: &t.job,
+            round: t.round,
+            base_version: t.version,
+            num_samples: t.num_samples,
+            loss: t.loss,
+            accuracy: t.accuracy,
+            delta: &t.delta,
+        };
+        let (payload, topic) = match (
+            encode(&u),
+            topic::job_update(&self.fleet, &t.job, &self.device),
+        ) {
+            (Ok(p), Ok(topic)) => (p, topic.to_string()),
+            (Err(e), _) | (_, Err(e)) => {
+                return self.reject(
+                    Rejection::new(Reason::Internal, format!("update: {e}")),
+                    now,
+                );
+            }
+        };
+        if payload.len() + CHUNK_OVERHEAD + topic.len() > self.max_packet {
+            let detail = format!(
+                "update of {} bytes does not fit broker.max_packet_bytes = {}",
+                payload.len(),
+                self.max_packet
+            );
+            return self.reject(Rejection::new(Reason::Oversize, detail), now);
+        }
+        match self.enqueue(
+            Class::Reliable,
+            &topic,
+            Kind::Update,
+            t.round,
+            &payload,
+            now,
+        ) {
+            Ok(seq) => {
+                Stats::bump(&self.stats.rounds_trained);
+                Stats::add(&self.stats.update_bytes, payload.len() as u64);
+                tracing::info!(job = %t.job, round = t.round, seq, samples = t.num_samples, loss = t.loss, accuracy = t.accuracy, "update queued");
+                if let Some(Err(e)) = self
+                    .learner
+                    .as_mut()
+                    .map(|l| l.on_queued(&t.job, t.round, seq))
+                {
+                    tracing::warn!(error = %e, "submitted round not persisted");
+                }
+            }
+            Err(e) => self.reject(
+                Rejection::new(Reason::Storage, format!("update not queued: {e}")),
+                now,
+            ),
         }
     }
 
@@ -868,6 +1113,7 @@ mod tests {
             chunks_root,
             model: None,
             stats: stats.clone(),
+            learner: None,
         };
         let agent = Agent::new(&cfg, trust, parts, NOW).expect("agent");
         Fixture {

@@ -41,6 +41,9 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub infer: InferConfig,
+    /// Federated learning: absent, the device takes part in no training job.
+    #[serde(default)]
+    pub learn: Option<LearnConfig>,
 }
 
 /// How to reach the broker.
@@ -122,6 +125,60 @@ pub struct InferConfig {
     pub threads: usize,
     /// Files run per scan (keeps each blocking job short).
     pub batch: usize,
+}
+
+/// The head a device trains, over the features of its local data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadChoice {
+    /// Softmax regression: `classes × (features + 1)` parameters.
+    Softmax,
+    /// One hidden ReLU layer of `hidden` units.
+    Mlp,
+}
+
+/// The federated-learning client: which job, which local data, which head, and the bounds of a
+/// training run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnConfig {
+    /// Local labelled data: CSV (header optional, numeric features, integer label in the last
+    /// column; plain or gzip) or NPZ (`X`, `y`) when the name ends in `.npz`. Never sent.
+    pub data: PathBuf,
+    /// The job to take part in. Default: every job announced in the fleet.
+    #[serde(default)]
+    pub job: Option<String>,
+    #[serde(default = "default_head")]
+    pub head: HeadChoice,
+    /// Hidden units of the `mlp` head.
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+    /// Classes of the head. Default: derived from the announced parameter count.
+    #[serde(default)]
+    pub classes: Option<usize>,
+    /// Local SGD momentum in `[0, 1)` (the announcement sets learning rate, epochs, batch, μ).
+    #[serde(default)]
+    pub momentum: f32,
+    /// Local L2 weight decay.
+    #[serde(default)]
+    pub weight_decay: f32,
+    /// Mixed with device, job and round into each run's shuffling seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Bound on a training run's memory: the data file while it is parsed, the data set, the
+    /// global model and the training buffers. A round that needs more is refused (`oversize`).
+    #[serde(default = "default_learn_memory")]
+    pub max_memory_bytes: u64,
+}
+
+fn default_head() -> HeadChoice {
+    HeadChoice::Softmax
+}
+fn default_hidden() -> usize {
+    32
+}
+fn default_learn_memory() -> u64 {
+    256 << 20
 }
 
 fn default_fleet() -> String {
@@ -245,6 +302,9 @@ impl Config {
         if self.telemetry.interval_s == 0 {
             return Err("telemetry.interval_s must be at least 1".into());
         }
+        if let Some(learn) = &self.learn {
+            learn.validate()?;
+        }
         Ok(())
     }
 
@@ -287,6 +347,36 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| input.join("out")),
         )
+    }
+}
+
+impl LearnConfig {
+    fn validate(&self) -> Result<(), String> {
+        if let Some(job) = &self.job {
+            check_id(job).map_err(|e| format!("learn.job = {job:?}: {e}"))?;
+        }
+        if self.head == HeadChoice::Mlp && self.hidden == 0 {
+            return Err("learn.hidden must be at least 1".into());
+        }
+        if self.classes.is_some_and(|c| c < 2) {
+            return Err("learn.classes must be at least 2".into());
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(format!(
+                "learn.momentum = {} must be in [0, 1)",
+                self.momentum
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(format!(
+                "learn.weight_decay = {} must be finite and non-negative",
+                self.weight_decay
+            ));
+        }
+        if self.max_memory_bytes < 1 << 16 {
+            return Err("learn.max_memory_bytes must be at least 65536".into());
+        }
+        Ok(())
     }
 }
 
@@ -337,5 +427,21 @@ mod tests {
         assert!(Config::from_toml(&unknown).is_err());
         let url = minimal().replace("mqtt://127.0.0.1:1883", "http://x");
         assert!(Config::from_toml(&url).expect_err("url").contains("url"));
+        let learn = |extra: &str| format!("{}[learn]\ndata = \"d.csv\"\n{extra}", minimal());
+        let ok = Config::from_toml(&learn("")).expect("learn defaults");
+        let l = ok.learn.expect("learn section");
+        assert_eq!(
+            (l.head, l.momentum, l.max_memory_bytes),
+            (HeadChoice::Softmax, 0.0, 256 << 20)
+        );
+        for (extra, key) in [
+            ("momentum = 1.0\n", "momentum"),
+            ("job = \"a/b\"\n", "learn.job"),
+            ("head = \"mlp\"\nhidden = 0\n", "hidden"),
+            ("classes = 1\n", "classes"),
+        ] {
+            let err = Config::from_toml(&learn(extra)).expect_err(extra);
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 }

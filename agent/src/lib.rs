@@ -1,6 +1,7 @@
 //! fedge-agent: the device daemon. It installs signed model bundles with verification, self-test
-//! and rollback, serves the active model on local inputs, reports telemetry, and keeps working
-//! through broker outages, restarts and power cuts.
+//! and rollback, serves the active model on local inputs, trains the federated model's head on
+//! local data, reports telemetry, and keeps working through broker outages, restarts and power
+//! cuts.
 //!
 //! Layout:
 //! - [`config`]: the TOML configuration;
@@ -13,6 +14,7 @@
 //! - [`trust`]: the checks every inbound envelope passes; [`state`]: the persisted replay guard;
 //! - [`transfer`]: resumable chunk downloads; [`store`]: model versions, install, rollback;
 //!   [`selftest`]: a bundle's test vector;
+//! - [`fl`]: the federated-learning client ([`fl::Learner`], [`fl::train_round`]);
 //! - [`infer`]: inference on a watched directory; [`telemetry`]: counters and the report;
 //! - [`bench`]: the link throughput benchmark; [`fsx`]: crash-safe file writes; [`tls`].
 //!
@@ -28,6 +30,7 @@ pub mod agent;
 pub mod bench;
 pub mod config;
 mod error;
+pub mod fl;
 pub mod fsx;
 pub mod infer;
 pub mod inflight;

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use crate::agent::{Action, Agent, Now, Parts, seal_status};
 use crate::config::Config;
 use crate::error::AgentError;
+use crate::fl::{self, DataCache, Learner, Trained};
 use crate::fsx;
 use crate::infer::{self, InferDirs};
 use crate::link::{self, LinkEvent, LinkHandle, LinkOptions, WillSource};
@@ -57,6 +58,8 @@ pub struct Service {
     clock: Clock,
     submit_tx: mpsc::Sender<Submit>,
     submit_rx: mpsc::Receiver<Submit>,
+    /// The local training data, loaded by the first training job.
+    data: Arc<DataCache>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +82,7 @@ impl Clock {
 
 enum Done {
     Install(Result<Served, Failure>, Option<Transfer>),
+    Train(Result<Trained, Failure>),
     Rollback(Result<Served, Failure>),
     Infer(Vec<(u32, bool)>),
 }
@@ -126,6 +130,19 @@ impl Service {
         let stats = Arc::new(Stats::default());
         let clock = Clock(Instant::now());
         let seq = Arc::new(Mutex::new(seq));
+        let learner = match &config.learn {
+            Some(l) => Some(
+                Learner::open(
+                    &config.fleet,
+                    &config.device_id,
+                    l.clone(),
+                    config.limits.max_chunk_bytes,
+                    &data,
+                )
+                .map_err(|e| open("learning state", &data.join("learn.json"), e))?,
+            ),
+            None => None,
+        };
         let parts = Parts {
             signer: signer.clone(),
             seq: seq.clone(),
@@ -134,6 +151,7 @@ impl Service {
             chunks_root,
             model: served.as_ref().map(|s| s.info.clone()),
             stats: stats.clone(),
+            learner,
         };
         let mut agent = Agent::new(&config, trust.clone(), parts, clock.now())?;
         agent.report(&failures, clock.now());
@@ -155,6 +173,7 @@ impl Service {
             clock,
             submit_tx,
             submit_rx,
+            data: Arc::default(),
         })
     }
 
@@ -361,6 +380,7 @@ impl Control {
                 let info = self.swap(r);
                 self.svc.agent.on_rollback_done(info, now)
             }
+            Done::Train(r) => self.svc.agent.on_train_done(r, now),
             Done::Infer(results) => {
                 self.svc.agent.on_inferences(&results);
                 Vec::new()
@@ -414,6 +434,7 @@ impl Control {
                     let store = self.svc.store.clone();
                     self.spawn(move || Done::Rollback(store.rollback()));
                 }
+                Action::Train(job) => self.start_training(*job),
                 Action::Disconnect => {
                     let _ = self.handle.disconnect();
                 }
@@ -438,6 +459,14 @@ impl Control {
             let (r, back) = install(&store, &trust, max, t);
             Done::Install(r, back)
         });
+    }
+
+    fn start_training(&self, job: fl::TrainJob) {
+        let Some(cfg) = self.svc.config.learn.clone() else {
+            return;
+        };
+        let cache = self.svc.data.clone();
+        self.spawn(move || Done::Train(fl::train_round(&job, &cfg, &cache)));
     }
 
     fn start_inference(&self, dirs: Option<InferDirs>) -> bool {

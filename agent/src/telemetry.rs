@@ -34,12 +34,27 @@ pub struct Stats {
     pub outbox_acked: AtomicU64,
     pub inferences: AtomicU64,
     pub infer_errors: AtomicU64,
+    /// Round announcements that selected this device (each counted once per round).
+    pub rounds_joined: AtomicU64,
+    /// Training runs finished, and their updates queued.
+    pub rounds_trained: AtomicU64,
+    /// Updates the aggregator acknowledged as accepted (or as a duplicate of an accepted one).
+    pub updates_accepted: AtomicU64,
+    /// Updates the aggregator refused.
+    pub updates_refused: AtomicU64,
+    /// Bytes of update envelopes queued, and of global-model chunks stored.
+    pub update_bytes: AtomicU64,
+    pub model_bytes: AtomicU64,
     rejected: [AtomicU64; Reason::ALL.len()],
 }
 
 impl Stats {
     pub(crate) fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn get(c: &AtomicU64) -> u64 {
