@@ -13,6 +13,8 @@ pub struct Mosquitto {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Access settings written after the listener line.
+    access: String,
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
@@ -39,6 +41,13 @@ impl Mosquitto {
     /// Starts a broker on a free port. `Err` explains why (not installed, did not come up): the
     /// caller decides whether that skips or fails the test.
     pub fn start() -> Result<Self, String> {
+        Self::start_with("allow_anonymous true")
+    }
+
+    /// Starts a broker whose access settings are `access` (Mosquitto configuration lines, e.g.
+    /// `allow_anonymous false`, `password_file FILE`, `acl_file FILE`) instead of anonymous
+    /// access. Files it names must be readable by root.
+    pub fn start_with(access: &str) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!(
             "fedge-mosquitto-{}-{}",
             std::process::id(),
@@ -49,6 +58,7 @@ impl Mosquitto {
             child: None,
             port: free_port(),
             dir,
+            access: access.to_string(),
         };
         m.restart()?;
         Ok(m)
@@ -82,8 +92,8 @@ impl Mosquitto {
         // Run as root, Mosquitto drops to its own user: keep everything world-readable.
         writeln!(
             f,
-            "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\nlog_type warning\nuser root",
-            self.port
+            "listener {} 127.0.0.1\n{}\npersistence false\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\nlog_type warning\nuser root",
+            self.port, self.access
         )
         .map_err(|e| format!("config: {e}"))?;
         drop(f);

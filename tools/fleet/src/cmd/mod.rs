@@ -1,5 +1,13 @@
+pub mod api;
 pub mod bench;
+pub mod bundle;
 pub mod check;
+pub mod demo;
+pub mod device;
+pub mod dp;
+pub mod keys;
+pub mod mosquitto;
+mod plot;
 pub mod profile;
 pub mod run;
 
