@@ -1,6 +1,6 @@
 //! `fedge demo` end to end: the embedded broker and a real Mosquitto, the accuracy it reaches
 //! against the centralized baseline, and the exported ONNX model against the demo's own
-//! evaluation.
+//! evaluation and against onnxruntime.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -133,7 +133,44 @@ fn demo_reaches_the_centralized_accuracy_on_the_embedded_broker_and_its_onnx_mod
     let acc = correct as f64 / n as f64;
     let reported = s["final_accuracy"].as_f64().unwrap();
     assert!((acc - reported).abs() < 1e-6, "{acc} vs {reported}");
+    onnxruntime_agrees(&out, &demo);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// onnxruntime runs the exported model on the test split and predicts what fedge did.
+fn onnxruntime_agrees(out: &Path, fedge: &[u32]) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = repo.join(".cache/venv/bin/python");
+    if !python.exists() {
+        eprintln!(
+            "SKIPPED the onnxruntime check: no {} (run tools/scripts/venv.sh)",
+            python.display()
+        );
+        return;
+    }
+    let script = "import sys, numpy as np, onnxruntime as ort\n\
+        d = np.loadtxt(sys.argv[2], delimiter=',', skiprows=1, dtype=np.float32, ndmin=2)\n\
+        s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n\
+        p = s.run(None, {s.get_inputs()[0].name: d[:, :-1]})[0]\n\
+        print(' '.join(str(int(i)) for i in p.argmax(axis=1)))\n";
+    let run = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(out.join("model.onnx"))
+        .arg(out.join("test.csv"))
+        .output()
+        .expect("run python");
+    assert!(
+        run.status.success(),
+        "onnxruntime: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ort: Vec<u32> = String::from_utf8(run.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert_eq!(ort, fedge, "onnxruntime and fedge predict the same classes");
 }
 
 #[test]
