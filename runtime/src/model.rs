@@ -101,24 +101,6 @@ pub struct Graph {
     report: Vec<String>,
 }
 
-fn dtype_of_code(code: i32) -> Option<DType> {
-    Some(match code {
-        1 => DType::F32,
-        2 => DType::U8,
-        3 => DType::I8,
-        4 => DType::U16,
-        5 => DType::I16,
-        6 => DType::I32,
-        7 => DType::I64,
-        9 => DType::Bool,
-        10 => DType::F16,
-        11 => DType::F64,
-        12 => DType::U32,
-        13 => DType::U64,
-        _ => return None,
-    })
-}
-
 fn histogram(proto: &ModelProto) -> BTreeMap<String, usize> {
     let mut h = BTreeMap::new();
     for n in proto.graph.iter().flat_map(|g| &g.node) {
@@ -157,7 +139,7 @@ fn declared_inputs(proto: &ModelProto) -> Vec<TensorInfo> {
                 .unwrap_or_default();
             TensorInfo {
                 name: i.name.clone(),
-                dtype: tt.and_then(|t| dtype_of_code(t.elem_type)),
+                dtype: tt.and_then(|t| DType::from_onnx_code(t.elem_type)),
                 shape,
             }
         })

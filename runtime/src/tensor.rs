@@ -21,6 +21,45 @@ pub enum DType {
 }
 
 impl DType {
+    /// The ONNX `TensorProto.DataType` number (`FLOAT` = 1, `UINT8` = 2, ...).
+    pub fn onnx_code(self) -> i32 {
+        match self {
+            DType::F32 => 1,
+            DType::U8 => 2,
+            DType::I8 => 3,
+            DType::U16 => 4,
+            DType::I16 => 5,
+            DType::I32 => 6,
+            DType::I64 => 7,
+            DType::Bool => 9,
+            DType::F16 => 10,
+            DType::F64 => 11,
+            DType::U32 => 12,
+            DType::U64 => 13,
+        }
+    }
+
+    /// The type of an ONNX `TensorProto.DataType` number; `None` for types fedge does not hold
+    /// (strings, bfloat16, complex, float8, int4).
+    pub fn from_onnx_code(code: i32) -> Option<DType> {
+        [
+            DType::F32,
+            DType::U8,
+            DType::I8,
+            DType::U16,
+            DType::I16,
+            DType::I32,
+            DType::I64,
+            DType::Bool,
+            DType::F16,
+            DType::F64,
+            DType::U32,
+            DType::U64,
+        ]
+        .into_iter()
+        .find(|d| d.onnx_code() == code)
+    }
+
     /// The numpy/ONNX name (`float32`, `int64`, ...).
     pub fn name(self) -> &'static str {
         match self {

@@ -9,24 +9,7 @@ use tract_onnx::pb::type_proto::Value as TypeValue;
 use super::graph::raw_tensor;
 use crate::error::{Result, RuntimeError};
 use crate::options::ModelOptions;
-use crate::tensor::{DType, Tensor};
-
-fn onnx_code(d: DType) -> i32 {
-    match d {
-        DType::F32 => 1,
-        DType::U8 => 2,
-        DType::I8 => 3,
-        DType::U16 => 4,
-        DType::I16 => 5,
-        DType::I32 => 6,
-        DType::I64 => 7,
-        DType::Bool => 9,
-        DType::F16 => 10,
-        DType::F64 => 11,
-        DType::U32 => 12,
-        DType::U64 => 13,
-    }
-}
+use crate::tensor::Tensor;
 
 /// Turns the inputs named in `constants` into initializers.
 pub(super) fn bake_constants(
@@ -45,7 +28,7 @@ pub(super) fn bake_constants(
         let dims: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
         g.initializer.push(raw_tensor(
             name,
-            onnx_code(t.dtype()),
+            t.dtype().onnx_code(),
             &dims,
             t.as_bytes().to_vec(),
         ));

@@ -30,39 +30,11 @@ pub enum fedge_dtype {
 
 /// The ONNX `TensorProto.DataType` numbering, so C code can use either.
 fn to_dtype(code: u32) -> Option<DType> {
-    Some(match code {
-        1 => DType::F32,
-        2 => DType::U8,
-        3 => DType::I8,
-        4 => DType::U16,
-        5 => DType::I16,
-        6 => DType::I32,
-        7 => DType::I64,
-        9 => DType::Bool,
-        10 => DType::F16,
-        11 => DType::F64,
-        12 => DType::U32,
-        13 => DType::U64,
-        _ => return None,
-    })
+    i32::try_from(code).ok().and_then(DType::from_onnx_code)
 }
 
 fn from_dtype(d: DType) -> u32 {
-    match d {
-        DType::F32 => 1,
-        DType::U8 => 2,
-        DType::I8 => 3,
-        DType::U16 => 4,
-        DType::I16 => 5,
-        DType::I32 => 6,
-        DType::I64 => 7,
-        DType::Bool => 9,
-        DType::F16 => 10,
-        DType::F64 => 11,
-        DType::U32 => 12,
-        DType::U64 => 13,
-        _ => 0,
-    }
+    u32::try_from(d.onnx_code()).unwrap_or(0)
 }
 
 /// A tensor crossing the boundary. For inputs, `data` points at `byte_len` bytes the caller owns.
