@@ -89,8 +89,10 @@ fn check_summary(s: &serde_json::Value) {
 #[test]
 fn demo_reaches_the_centralized_accuracy_on_the_embedded_broker_and_its_onnx_model_agrees() {
     let out = out_dir("embedded");
-    let s = demo(&out, &[]);
+    let split = out.join("split");
+    let s = demo(&out, &["--dump-split", split.to_str().unwrap()]);
     check_summary(&s);
+    check_split(&split, &out.join("test.csv"));
     for f in [
         "demo.svg",
         "model.onnx",
@@ -135,6 +137,42 @@ fn demo_reaches_the_centralized_accuracy_on_the_embedded_broker_and_its_onnx_mod
     assert!((acc - reported).abs() < 1e-6, "{acc} vs {reported}");
     onnxruntime_agrees(&out, &demo);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `--dump-split`: every training row on exactly one device, the demo's test split, and the start.
+fn check_split(split: &Path, demo_test: &Path) {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(split.join("split.json")).unwrap()).unwrap();
+    assert_eq!(meta["devices"], 10);
+    assert_eq!(meta["strategy"], "fedavg");
+    assert_eq!(meta["proximal_mu"], 0.0);
+    let (f, c) = (
+        meta["features"].as_u64().unwrap(),
+        meta["classes"].as_u64().unwrap(),
+    );
+    assert_eq!((f, c), (64, 10));
+    let init = meta["initial_params"].as_array().unwrap();
+    assert_eq!(init.len() as u64, c * f + c, "softmax head: W then b");
+    let rows: Vec<u64> = meta["shard_rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let mut total = 0;
+    for (i, &n) in rows.iter().enumerate() {
+        let shard = read_csv(split.join(format!("dev-{i:02}.csv"))).unwrap();
+        assert_eq!(shard.len() as u64, n, "device {i}");
+        assert_eq!(shard.features as u64, f);
+        total += n;
+    }
+    let test = read_csv(split.join("test.csv")).unwrap();
+    assert_eq!(total as usize + test.len(), 1797, "digits: every row once");
+    assert_eq!(
+        std::fs::read(split.join("test.csv")).unwrap(),
+        std::fs::read(demo_test).unwrap(),
+        "the dumped test split is the one the demo evaluated on"
+    );
 }
 
 /// onnxruntime runs the exported model on the test split and predicts what fedge did.

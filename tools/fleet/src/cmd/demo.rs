@@ -98,6 +98,11 @@ pub struct Args {
     /// half the devices), or earlier when every device has answered.
     #[arg(long, default_value_t = 30_000)]
     pub deadline_ms: u64,
+    /// Also write the run's exact data split and start to DIR (for baselines outside fedge):
+    /// dev-NN.csv (each device's training rows), test.csv, and split.json (hyper-parameters and
+    /// the initial global parameters).
+    #[arg(long, value_name = "DIR")]
+    pub dump_split: Option<PathBuf>,
 }
 
 /// The `--json` object (also written to `summary.json`).
@@ -130,6 +135,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let shards = train::data::dirichlet_shards(&train_set, args.devices, args.alpha, 2, args.seed)
         .context("splitting the training data across devices")?;
     let head = initial_head(&args, data.features, data.classes)?;
+    if let Some(dir) = &args.dump_split {
+        dump_split(&args, dir, &shards, &test_set, &head)?;
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let work = WorkDir::new()?;
@@ -358,6 +366,42 @@ fn prepare_device(work: &Path, i: usize, shard: &Dataset) -> anyhow::Result<Devi
         data,
         public_key: signer.public_key(),
     })
+}
+
+/// `--dump-split`: the shards, the test split and `split.json` (what a device trains with).
+fn dump_split(
+    args: &Args,
+    dir: &Path,
+    shards: &[Dataset],
+    test: &Dataset,
+    head: &Head,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: String, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))
+    };
+    for (i, shard) in shards.iter().enumerate() {
+        write(format!("dev-{i:02}.csv"), to_csv(shard).as_bytes())?;
+    }
+    write("test.csv".into(), to_csv(test).as_bytes())?;
+    let mu = if args.strategy == "fedprox" {
+        args.mu
+    } else {
+        0.0
+    };
+    // Momentum and weight decay: the agents' `[learn]` defaults, which the demo leaves as they are.
+    let split = serde_json::json!({
+        "devices": args.devices, "rounds": args.rounds, "strategy": args.strategy,
+        "alpha": args.alpha, "seed": args.seed, "test_fraction": TEST_FRACTION,
+        "head": args.head, "hidden": args.hidden,
+        "features": head.features(), "classes": head.classes(),
+        "learning_rate": args.lr, "batch_size": args.batch, "epochs": args.epochs,
+        "momentum": 0.0, "weight_decay": 0.0, "proximal_mu": mu,
+        "shard_rows": shards.iter().map(Dataset::len).collect::<Vec<_>>(),
+        "initial_params": head.params(),
+    });
+    write("split.json".into(), &serde_json::to_vec_pretty(&split)?)
 }
 
 /// CSV with a header row and the label last (f32 `Display` round-trips exactly).
