@@ -82,6 +82,7 @@ pub struct Agent {
     device: String,
     fleet: String,
     cmd_topic: String,
+    desired_topic: String,
     status_topic: String,
     telemetry_topic: String,
     signer: Arc<Signer>,
@@ -161,6 +162,7 @@ impl Agent {
             device: device.into(),
             fleet: fleet.into(),
             cmd_topic: topic::dev_cmd(fleet, device)?.to_string(),
+            desired_topic: topic::dev_desired(fleet, device)?.to_string(),
             status_topic: topic::dev_status(fleet, device)?.to_string(),
             telemetry_topic: topic::dev_telemetry(fleet, device)?.to_string(),
             signer: parts.signer,
@@ -238,7 +240,10 @@ impl Agent {
         self.inflight.reset();
         self.chunk_subs.clear();
         self.cmd_subscribed = true;
-        let mut out = vec![Action::Subscribe(self.cmd_topic.clone())];
+        let mut out = vec![
+            Action::Subscribe(self.cmd_topic.clone()),
+            Action::Subscribe(self.desired_topic.clone()),
+        ];
         if let Some(l) = &self.learner {
             l.on_connected(&mut out);
             self.learn_subscribed = true;
@@ -300,7 +305,7 @@ impl Agent {
 
     /// The service could not queue a subscription; it is retried on the next tick.
     pub fn on_subscribe_refused(&mut self, filter: &str) {
-        if filter == self.cmd_topic {
+        if filter == self.cmd_topic || filter == self.desired_topic {
             self.cmd_subscribed = false;
         } else if matches!(Topic::parse(filter), Some(Topic::JobRound { .. }))
             || filter.contains("/model/")
@@ -327,6 +332,7 @@ impl Agent {
         if self.connected && !self.cmd_subscribed {
             self.cmd_subscribed = true;
             out.push(Action::Subscribe(self.cmd_topic.clone()));
+            out.push(Action::Subscribe(self.desired_topic.clone()));
         }
         if self.connected
             && !self.learn_subscribed
@@ -378,6 +384,11 @@ impl Agent {
                 if fleet == self.fleet && device == self.device =>
             {
                 self.on_cmd(&t, payload, now, &mut out);
+            }
+            Some(t @ Topic::DevDesired { fleet, device })
+                if fleet == self.fleet && device == self.device =>
+            {
+                self.on_desired(&t, payload, now, &mut out);
             }
             Some(Topic::BundleChunk {
                 fleet,
@@ -447,6 +458,60 @@ impl Agent {
                 Err(e) => self.reject(Rejection::new(Reason::Malformed, format!("ack: {e}")), now),
             },
             _ => tracing::debug!(kind = ?env.kind, seq = env.seq, "ignored on the command topic"),
+        }
+    }
+
+    /// The retained desired state: a signed `Command::Install` of the model this device should
+    /// run. It is checked like a command, with a replay guard of its own; it is acted on once,
+    /// when fresh (a duplicate is the same retained message again after a reconnection, and a
+    /// bundle that failed its self-test is not retried until the operator publishes anew).
+    fn on_desired(&mut self, t: &Topic<'_>, payload: &[u8], now: Now, out: &mut Vec<Action>) {
+        if payload.is_empty() {
+            return tracing::debug!("desired state cleared");
+        }
+        let env = match self
+            .trust
+            .open(payload, self.limits.max_message_bytes, Some(t))
+        {
+            Ok(env) => env,
+            Err(r) => return self.reject(r, now),
+        };
+        let key = format!("{}#desired", env.sender);
+        match self.state.state.replay.check(&key, env.seq) {
+            Freshness::Fresh => {
+                if let Err(e) = self.state.save() {
+                    let detail = format!("replay state: {e}");
+                    return self.reject(Rejection::new(Reason::Storage, detail), now);
+                }
+            }
+            Freshness::Duplicate => {
+                return tracing::debug!(seq = env.seq, "desired state already acted on");
+            }
+            Freshness::Replay => {
+                let detail = format!("desired state seq {} is older than the last one", env.seq);
+                return self.reject(Rejection::new(Reason::Replay, detail), now);
+            }
+        }
+        match decode::<Command<'_>>(env.payload) {
+            Ok(Command::Install {
+                name,
+                version,
+                bundle,
+            }) => {
+                tracing::info!(name, version, "desired state");
+                self.start_install(name, version, &bundle, now, out);
+            }
+            Ok(c) => self.reject(
+                Rejection::new(
+                    Reason::Malformed,
+                    format!("desired state must be an Install, not {c:?}"),
+                ),
+                now,
+            ),
+            Err(e) => self.reject(
+                Rejection::new(Reason::Malformed, format!("desired state: {e}")),
+                now,
+            ),
         }
     }
 
@@ -1214,6 +1279,53 @@ mod tests {
     }
 
     #[test]
+    fn desired_state_is_acted_on_once_and_checked_like_a_command() {
+        let mut f = fixture("agent-desired", 3);
+        let desired = "fedge/v1/f/dev/d/desired";
+        let acts = f.agent.on_connected(NOW);
+        assert!(subscribed(&acts).contains(&desired.to_string()));
+        let object = vec![7u8; 300];
+        let m = ChunkManifest::of(&object, 100).expect("manifest");
+        let install = command(
+            &f.op,
+            10,
+            &Command::Install {
+                name: "m",
+                version: 2,
+                bundle: m,
+            },
+        );
+        let acts = f.agent.on_message(desired, &install, NOW);
+        assert_eq!(subscribed(&acts).len(), 3, "the transfer starts");
+        // The retained message again after a reconnection: nothing new, nothing rejected.
+        f.agent.on_disconnected();
+        f.agent.on_connected(NOW);
+        let acts = f.agent.on_message(desired, &install, NOW);
+        assert!(subscribed(&acts).is_empty());
+        assert_eq!(f.stats.rejected(Reason::Duplicate), 0);
+        // Older, not an Install, forged, cleared.
+        let older = command(
+            &f.op,
+            9,
+            &Command::Install {
+                name: "m",
+                version: 1,
+                bundle: m,
+            },
+        );
+        f.agent.on_message(desired, &older, NOW);
+        assert_eq!(f.stats.rejected(Reason::Replay), 1);
+        f.agent
+            .on_message(desired, &command(&f.op, 11, &Command::Rollback), NOW);
+        assert_eq!(f.stats.rejected(Reason::Malformed), 1);
+        let mallory = Signer::generate().expect("key").0;
+        f.agent
+            .on_message(desired, &command(&mallory, 12, &Command::Ping), NOW);
+        assert_eq!(f.stats.rejected(Reason::BadSignature), 1);
+        assert!(f.agent.on_message(desired, &[], NOW).is_empty());
+    }
+
+    #[test]
     fn a_transfer_requests_only_missing_chunks_in_a_window() {
         let mut f = fixture("agent-window", 3);
         let cmd = "fedge/v1/f/dev/d/cmd";
@@ -1245,7 +1357,7 @@ mod tests {
         assert_eq!(subscribed(&acts), [topic(3)]);
         f.agent.on_disconnected();
         let acts = f.agent.on_connected(NOW);
-        assert_eq!(subscribed(&acts)[1..], [topic(0), topic(2), topic(3)]);
+        assert_eq!(subscribed(&acts)[2..], [topic(0), topic(2), topic(3)]);
         // A chunk larger than the manifest's chunk size is refused before it is decoded.
         let big = fedge_proto::chunk::Chunk {
             object: m.sha256,

@@ -72,6 +72,18 @@ impl<'a> Unverified<'a> {
         key.verify(self.body, self.signature)?;
         Ok(self.env)
     }
+
+    /// For a message that names its own key (a device's `Status`): `key_of` reads the key from
+    /// the unverified payload, and the envelope is returned only if that key signed it. This
+    /// binds the message to the key, not the key to the sender: check the key against a registry
+    /// before trusting the sender's identity.
+    pub fn verify_self_signed(
+        &self,
+        key_of: impl FnOnce(&'a [u8]) -> Option<PublicKey>,
+    ) -> Result<Envelope<'a>, ProtoError> {
+        let key = key_of(self.env.payload).ok_or(ProtoError::Malformed)?;
+        self.verify(&key)
+    }
 }
 
 impl<'a> Envelope<'a> {

@@ -5,6 +5,7 @@
 //! | `dev/{device}/status` | `Status` | yes (and the last will) | device |
 //! | `dev/{device}/telemetry` | `Telemetry` | no | device |
 //! | `dev/{device}/cmd` | `Command`, `Ack` | no | operator, aggregator |
+//! | `dev/{device}/desired` | `Command::Install` (the desired model) | yes | operator |
 //! | `job/{job}/round` | `RoundAnnounce` | yes | aggregator |
 //! | `job/{job}/model/{version}/{chunk}` | `Chunk` of the global model | yes | aggregator |
 //! | `job/{job}/update/{device}` | `Update` | no | device |
@@ -49,6 +50,13 @@ pub fn dev_telemetry(fleet: &str, device: &str) -> Result<TopicBuf, ProtoError> 
 pub fn dev_cmd(fleet: &str, device: &str) -> Result<TopicBuf, ProtoError> {
     ids(&[fleet, device])?;
     build(format_args!("{ROOT}/{fleet}/dev/{device}/cmd"))
+}
+
+/// `fedge/v1/{fleet}/dev/{device}/desired` (retained): the model the operator wants the device to
+/// run, as a signed `Command::Install`. A device that was offline finds it when it connects.
+pub fn dev_desired(fleet: &str, device: &str) -> Result<TopicBuf, ProtoError> {
+    ids(&[fleet, device])?;
+    build(format_args!("{ROOT}/{fleet}/dev/{device}/desired"))
 }
 
 /// `fedge/v1/{fleet}/dev/+/{leaf}`: one leaf (`status`, `telemetry`) of every device.
@@ -128,6 +136,10 @@ pub enum Topic<'a> {
         fleet: &'a str,
         device: &'a str,
     },
+    DevDesired {
+        fleet: &'a str,
+        device: &'a str,
+    },
     JobRound {
         fleet: &'a str,
         job: &'a str,
@@ -164,6 +176,7 @@ impl<'a> Topic<'a> {
                     "status" => Self::DevStatus { fleet, device },
                     "telemetry" => Self::DevTelemetry { fleet, device },
                     "cmd" => Self::DevCmd { fleet, device },
+                    "desired" => Self::DevDesired { fleet, device },
                     _ => return None,
                 }
             }
@@ -209,6 +222,7 @@ impl<'a> Topic<'a> {
             Self::DevStatus { .. } => kind == Kind::Status,
             Self::DevTelemetry { .. } => kind == Kind::Telemetry,
             Self::DevCmd { .. } => matches!(kind, Kind::Command | Kind::Ack),
+            Self::DevDesired { .. } => kind == Kind::Command,
             Self::JobRound { .. } => kind == Kind::RoundAnnounce,
             Self::JobModelChunk { .. } | Self::BundleChunk { .. } => kind == Kind::Chunk,
             Self::JobUpdate { .. } => kind == Kind::Update,
@@ -241,6 +255,10 @@ mod tests {
                 device: "d-9"
             })
         );
+        let d = dev_desired("f1", "d-9").expect("topic");
+        assert_eq!(d.as_str(), "fedge/v1/f1/dev/d-9/desired");
+        let parsed = Topic::parse(&d).expect("parse");
+        assert!(parsed.accepts(Kind::Command) && !parsed.accepts(Kind::Ack));
         let b = bundle_chunk("f1", &[0x11; 32], 0).expect("topic");
         assert_eq!(
             Topic::parse(&b),

@@ -30,6 +30,8 @@ enum Command {
     Device(cmd::device::Args),
     /// Build and verify signed model bundles.
     Bundle(cmd::bundle::Args),
+    /// Staged rollouts: a signed bundle to a group in waves, with health checks and rollback.
+    Rollout(cmd::rollout::Args),
     /// Differential privacy: `dp epsilon` plans a job's (ε, δ) budget.
     Dp(cmd::dp::Args),
     /// Run federated learning end to end on this machine: aggregator, broker and N devices.
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
         Command::Keys(a) => cmd::keys::run(a),
         Command::Device(a) => cmd::device::run(a),
         Command::Bundle(a) => cmd::bundle::run(a),
+        Command::Rollout(a) => cmd::rollout::run(a),
         Command::Dp(a) => cmd::dp::run(a),
     };
     match result {

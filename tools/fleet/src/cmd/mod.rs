@@ -9,6 +9,7 @@ pub mod keys;
 pub mod mosquitto;
 mod plot;
 pub mod profile;
+pub mod rollout;
 pub mod run;
 
 use std::path::PathBuf;

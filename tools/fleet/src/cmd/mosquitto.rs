@@ -58,6 +58,7 @@ pub fn acl_lines(fleet: &str, device: &str) -> String {
          topic write {base}/dev/{device}/telemetry\n\
          topic write {base}/job/+/update/{device}\n\
          topic read {base}/dev/{device}/cmd\n\
+         topic read {base}/dev/{device}/desired\n\
          topic read {base}/job/+/round\n\
          topic read {base}/job/+/model/#\n\
          topic read {base}/bundle/#\n"
