@@ -127,6 +127,58 @@ async fn a_revoked_device_is_refused_from_then_on() {
         Outcome::Accepted
     );
 
+    // Reported and desired state on the broker, and the drift between them.
+    let broker = format!("mqtt://127.0.0.1:{}", running.broker_port);
+    let dev_k = identity(&t, "dev-k").signer;
+    let op = fedge_proto::keys::file::load(&t.join("ops/operator.key")).unwrap();
+    retain(running.broker_port, "status", &status_of(&dev_k, 1)).await;
+    retain(running.broker_port, "desired", &desired(&op, 2)).await;
+    let show_k = |extra: &'static [&'static str]| {
+        let mut v: Vec<String> = [
+            "device",
+            "show",
+            "dev-k",
+            "--aggregator",
+            &api,
+            "--broker",
+            &broker,
+            "--group",
+            FLEET,
+            "--operator-pub",
+        ]
+        .map(String::from)
+        .to_vec();
+        v.push(t.join("ops/operator.pub").to_string_lossy().into_owned());
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let args = show_k(&["--json"]);
+    let out = tokio::task::spawn_blocking(move || ok(&args))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["drift"], "desired cls v2, runs cls v1", "{v}");
+    assert_eq!(v["reported"]["online"], true);
+    assert_eq!(v["reported"]["key_matches_registry"], true);
+    assert_eq!(v["desired"]["version"], 2);
+    retain(running.broker_port, "desired", &desired(&op, 1)).await;
+    let args = show_k(&[]);
+    let out = tokio::task::spawn_blocking(move || ok(&args))
+        .await
+        .unwrap();
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("drift") && l.ends_with(" none")),
+        "{out}"
+    );
+    let mallory = fedge_proto::Signer::generate().unwrap().0;
+    retain(running.broker_port, "desired", &desired(&mallory, 3)).await;
+    let args = show_k(&[]);
+    let e = tokio::task::spawn_blocking(move || fails(&args))
+        .await
+        .unwrap();
+    assert!(e.contains("not signed by operator key"), "{e}");
+
     // A revoked id cannot be provisioned again; unknown ids are named.
     let args = provision(&t, "dev-r", "dev-r-again", &running);
     let e = tokio::task::spawn_blocking(move || fails(&args))
@@ -138,4 +190,53 @@ async fn a_revoked_device_is_refused_from_then_on() {
     let e = fails(&["device", "revoke", "nobody", "--aggregator", &api]);
     assert!(e.contains("404"), "{e}");
     running.stop().await;
+}
+
+/// A retained message on dev-k's `leaf` topic, through the aggregator's embedded broker.
+async fn retain(port: u16, leaf: &str, wire: &[u8]) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut mo = MqttOptions::new(format!("console-{leaf}"), "127.0.0.1", port);
+    mo.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = AsyncClient::new(mo, 8);
+    let topic = format!("fedge/v1/{FLEET}/dev/dev-k/{leaf}");
+    client
+        .publish(topic, QoS::AtLeastOnce, true, wire.to_vec())
+        .await
+        .unwrap();
+    loop {
+        if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
+            break;
+        }
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), el.poll()).await;
+}
+
+fn status_of(dev: &fedge_proto::Signer, version: u64) -> Vec<u8> {
+    let s = fedge_proto::msg::Status {
+        online: true,
+        agent_version: "test",
+        model: Some(fedge_proto::msg::ModelRef {
+            name: "cls",
+            version,
+            sha256: [7; 32],
+        }),
+        public_key: dev.public_key(),
+    };
+    let payload = fedge_proto::envelope::encode(&s).unwrap();
+    fedge_proto::Envelope::new(fedge_proto::Kind::Status, "dev-k", 1, 0, &payload)
+        .seal(dev)
+        .unwrap()
+}
+
+fn desired(op: &fedge_proto::Signer, version: u64) -> Vec<u8> {
+    let c = fedge_proto::msg::Command::Install {
+        name: "cls",
+        version,
+        bundle: fedge_proto::chunk::ChunkManifest::of(&[1, 2, 3], 2).unwrap(),
+    };
+    let payload = fedge_proto::envelope::encode(&c).unwrap();
+    fedge_proto::Envelope::new(fedge_proto::Kind::Command, "operator", version, 0, &payload)
+        .seal(op)
+        .unwrap()
 }

@@ -36,12 +36,15 @@ pub enum DeviceCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show one registered device.
+    /// Show one registered device; with --broker also its reported state (retained status),
+    /// its desired state (retained desired model) and the drift between them.
     Show {
         /// Device id.
         id: String,
         #[command(flatten)]
         api: ApiFlags,
+        #[command(flatten)]
+        state: StateFlags,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -53,6 +56,26 @@ pub enum DeviceCommand {
         #[command(flatten)]
         api: ApiFlags,
     },
+}
+
+/// Where `device show` reads reported and desired state.
+#[derive(Debug, clap::Args)]
+pub struct StateFlags {
+    /// The broker holding the retained status and desired state, e.g. mqtt://127.0.0.1:1883.
+    #[arg(long, requires = "operator_pub")]
+    pub broker: Option<String>,
+    /// The device's group (fleet name).
+    #[arg(long, default_value = "default")]
+    pub group: String,
+    /// The operator's public key (operator.pub or hex): the desired state must be signed by it.
+    #[arg(long = "operator-pub", value_name = "FILE|HEX")]
+    pub operator_pub: Option<String>,
+    /// MQTT user name.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// File whose first line is the MQTT password.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,7 +127,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     match a.command {
         DeviceCommand::Provision(p) => provision(&p),
         DeviceCommand::List { api, json } => list(&Api::new(&api.aggregator)?, json),
-        DeviceCommand::Show { id, api, json } => show(&Api::new(&api.aggregator)?, &id, json),
+        DeviceCommand::Show {
+            id,
+            api,
+            state,
+            json,
+        } => show(&Api::new(&api.aggregator)?, &id, &state, json),
         DeviceCommand::Revoke { id, api } => revoke(&Api::new(&api.aggregator)?, &id),
     }
 }
@@ -310,11 +338,57 @@ fn list(api: &Api, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show(api: &Api, id: &str, as_json: bool) -> anyhow::Result<()> {
-    let d = devices(api)?
+fn show(api: &Api, id: &str, flags: &StateFlags, as_json: bool) -> anyhow::Result<()> {
+    let mut d = devices(api)?
         .into_iter()
         .find(|d| d.get("id").and_then(Value::as_str) == Some(id))
         .with_context(|| format!("device {id} is not registered with the aggregator"))?;
+    if let (Some(broker), Some(op)) = (&flags.broker, &flags.operator_pub) {
+        let operator = read_public_key(op).context("--operator-pub")?;
+        let login = super::rollout::Login {
+            broker,
+            username: flags.username.as_deref(),
+            password_file: flags.password_file.as_deref(),
+            group: &flags.group,
+        };
+        let r = super::rollout::read_retained(
+            &login,
+            id,
+            &operator,
+            std::time::Duration::from_millis(1500),
+        )?;
+        let registered = d.get("public_key").and_then(Value::as_str).unwrap_or("");
+        let model = |m: &Option<(String, u64, [u8; 32])>| {
+            m.as_ref().map(|(n, v, sha)| {
+                json!({"name": n, "version": v,
+                       "sha256": fedge_proto::hex::encode32(sha).as_str()})
+            })
+        };
+        let reported = r.status.as_ref().map(|(online, m, key)| {
+            json!({"online": online, "model": model(m),
+                   "key_matches_registry": key.to_hex().as_str() == registered})
+        });
+        let desired = r.desired.as_ref().map(|(n, v, sha)| {
+            json!({"name": n, "version": v,
+                   "bundle_sha256": fedge_proto::hex::encode32(sha).as_str()})
+        });
+        let runs = r
+            .status
+            .as_ref()
+            .and_then(|(_, m, _)| m.as_ref())
+            .map(|(n, v, _)| (n.clone(), *v));
+        let drift = match (&r.desired, runs) {
+            (None, _) => "no desired state".to_string(),
+            (Some((n, v, _)), Some((rn, rv))) if *n == rn && *v == rv => "none".to_string(),
+            (Some((n, v, _)), Some((rn, rv))) => format!("desired {n} v{v}, runs {rn} v{rv}"),
+            (Some((n, v, _)), None) => format!("desired {n} v{v}, runs no model"),
+        };
+        if let Value::Object(m) = &mut d {
+            m.insert("reported".into(), reported.unwrap_or(Value::Null));
+            m.insert("desired".into(), desired.unwrap_or(Value::Null));
+            m.insert("drift".into(), Value::String(drift));
+        }
+    }
     if as_json {
         println!("{d}");
         return Ok(());
@@ -323,6 +397,7 @@ fn show(api: &Api, id: &str, as_json: bool) -> anyhow::Result<()> {
         for (k, v) in m {
             match v {
                 Value::String(s) => println!("{k:<20} {s}"),
+                Value::Null => println!("{k:<20} -"),
                 v => println!("{k:<20} {v}"),
             }
         }

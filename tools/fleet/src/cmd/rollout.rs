@@ -381,8 +381,27 @@ struct Link {
     published: AtomicU64,
 }
 
-async fn connect(st: &RolloutState) -> anyhow::Result<Link> {
-    let url = fedge_agent::link::BrokerUrl::parse(&st.broker).map_err(anyhow::Error::msg)?;
+/// Where and how to log in to the broker.
+pub struct Login<'a> {
+    pub broker: &'a str,
+    pub username: Option<&'a str>,
+    pub password_file: Option<&'a Path>,
+    pub group: &'a str,
+}
+
+impl RolloutState {
+    fn login(&self) -> Login<'_> {
+        Login {
+            broker: &self.broker,
+            username: self.username.as_deref(),
+            password_file: self.password_file.as_deref(),
+            group: &self.group,
+        }
+    }
+}
+
+async fn connect(st: &Login<'_>) -> anyhow::Result<Link> {
+    let url = fedge_agent::link::BrokerUrl::parse(st.broker).map_err(anyhow::Error::msg)?;
     if url.tls {
         bail!(
             "--broker {}: TLS is not supported by `fedge rollout` yet",
@@ -398,8 +417,8 @@ async fn connect(st: &RolloutState) -> anyhow::Result<Link> {
     mo.set_clean_session(true)
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(4 << 20, 4 << 20);
-    if let Some(user) = &st.username {
-        let pass = match &st.password_file {
+    if let Some(user) = st.username {
+        let pass = match st.password_file {
             Some(p) => std::fs::read_to_string(p)
                 .with_context(|| format!("--password-file {}", p.display()))?
                 .lines()
@@ -416,9 +435,9 @@ async fn connect(st: &RolloutState) -> anyhow::Result<Link> {
     no.set_connection_timeout(5);
     eventloop.set_network_options(no);
     let filters = [
-        topic::all_devices(&st.group, "status")?.to_string(),
-        topic::all_devices(&st.group, "telemetry")?.to_string(),
-        topic::all_devices(&st.group, "desired")?.to_string(),
+        topic::all_devices(st.group, "status")?.to_string(),
+        topic::all_devices(st.group, "telemetry")?.to_string(),
+        topic::all_devices(st.group, "desired")?.to_string(),
     ];
     // The first connection must succeed; later drops are retried, resubscribing each time.
     loop {
@@ -515,7 +534,7 @@ impl Seen {
     }
 }
 
-type Reported = (bool, Option<(String, u64, [u8; 32])>, PublicKey);
+pub type Reported = (bool, Option<(String, u64, [u8; 32])>, PublicKey);
 
 /// A device's retained status, verified with the key it carries (that binds the status to the
 /// key; the registry binds the key to the device).
@@ -543,7 +562,7 @@ impl Operator {
     async fn open(st: &RolloutState) -> anyhow::Result<Self> {
         let signer = fedge_proto::keys::file::load(&st.key)
             .with_context(|| format!("operator key {}", st.key.display()))?;
-        let link = connect(st).await?;
+        let link = connect(&st.login()).await?;
         Ok(Self {
             link,
             signer,
@@ -1029,6 +1048,56 @@ fn abort_cmd(a: &StateArgs) -> anyhow::Result<()> {
     })?;
     println!("aborted; every device that took the bundle has its previous desired state");
     Ok(())
+}
+
+/// What the broker holds for one device: its retained status (verified with the key it carries)
+/// and its retained desired state (verified with the operator key), collected for `wait`.
+pub struct Retained {
+    /// Online, the model it runs (name, version, model sha256), its key.
+    pub status: Option<Reported>,
+    /// The desired model: name, version, bundle sha256.
+    pub desired: Option<(String, u64, [u8; 32])>,
+}
+
+pub fn read_retained(
+    login: &Login<'_>,
+    device: &str,
+    operator: &PublicKey,
+    wait: Duration,
+) -> anyhow::Result<Retained> {
+    runtime()?.block_on(async {
+        let mut link = connect(login).await?;
+        let until = tokio::time::Instant::now() + wait;
+        let mut seen = Seen::default();
+        while let Ok(Some((t, wire))) = tokio::time::timeout_at(until, link.rx.recv()).await {
+            seen.take(&t, &wire);
+        }
+        let _ = link.client.disconnect().await;
+        let status = seen.status.remove(device);
+        let desired = match seen.desired.remove(device).filter(|w| !w.is_empty()) {
+            None => None,
+            Some(w) => {
+                let env = Envelope::open(&w, MAX_WIRE)
+                    .map_err(|e| anyhow::anyhow!("desired state of {device}: {e}"))?
+                    .verify(operator)
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "desired state of {device} is not signed by operator key {}",
+                            operator.fingerprint()
+                        )
+                    })?;
+                match decode::<Command<'_>>(env.payload) {
+                    Ok(Command::Install {
+                        name,
+                        version,
+                        bundle,
+                    }) => Some((name.to_string(), version, bundle.sha256)),
+                    _ => bail!("desired state of {device} is not an Install"),
+                }
+            }
+        };
+        Ok(Retained { status, desired })
+    })
 }
 
 #[cfg(test)]
