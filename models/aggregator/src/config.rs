@@ -130,6 +130,14 @@ pub struct JobSpec {
     pub seed: Option<u64>,
     #[serde(default)]
     pub hyper: HyperSpec,
+    /// δ of the (ε, δ) the round history reports when the devices add noise
+    /// (`hyper.noise_multiplier` and `hyper.clip_norm` > 0).
+    #[serde(default = "default_dp_delta")]
+    pub dp_delta: f64,
+}
+
+fn default_dp_delta() -> f64 {
+    1e-5
 }
 
 /// Where the initial global parameters come from. TOML: `model = { zeros = 650 }`,
@@ -394,6 +402,9 @@ impl JobSpec {
     pub fn validate(&self, max_packet_bytes: usize) -> Result<(), ConfigError> {
         let bad = |what: &str| Err(ConfigError::Invalid(format!("job {}: {what}", self.id)));
         check_id("jobs.id", &self.id)?;
+        if !(self.dp_delta > 0.0 && self.dp_delta < 1.0) {
+            return bad("dp_delta must be in (0, 1)");
+        }
         if let Some(n) = &self.model_name {
             check_id("jobs.model_name", n)?;
         }

@@ -45,6 +45,11 @@ pub enum Command {
         spec: Box<JobSpec>,
         reply: oneshot::Sender<Result<JobRecord, OpError>>,
     },
+    /// Finish a running job now; its open round closes without a model.
+    StopJob {
+        id: String,
+        reply: oneshot::Sender<Result<JobRecord, OpError>>,
+    },
 }
 
 /// A job as the engine runs it.
@@ -204,6 +209,14 @@ impl Engine {
             if let Some(v) =
                 crate::judge::judge(&txn, &mut self.jobs, &self.cfg.fleet, &p.topic, &p.payload)?
             {
+                if matches!(v.outcome, Outcome::Rejected(_))
+                    && let Some(topic::Topic::JobUpdate { job, .. }) = topic::Topic::parse(&p.topic)
+                    && let Some(r) = self.jobs.get_mut(job).and_then(|j| j.round.as_mut())
+                {
+                    // Counted in memory; stored with the round's next write (at the latest when
+                    // it closes).
+                    r.rejected += 1;
+                }
                 verdicts.push(v);
             }
         }
@@ -355,6 +368,20 @@ impl Engine {
         };
         let aggregation_s = t0.elapsed().as_secs_f64();
         round.aggregate_ms = Some(aggregation_s * 1e3);
+        let weight: f64 = updates.iter().map(|u| u.num_samples as f64).sum();
+        if weight > 0.0 {
+            let mean = |f: fn(&crate::records::StoredUpdate) -> f32| {
+                let m = updates
+                    .iter()
+                    .map(|u| f64::from(f(u)) * u.num_samples as f64)
+                    .sum::<f64>()
+                    / weight;
+                m.is_finite().then_some(m)
+            };
+            round.train_loss = mean(|u| u.loss);
+            round.train_accuracy = mean(|u| u.accuracy);
+        }
+        round.epsilon = epsilon_after(&run.rec.spec, round.round);
         let mut rec = run.rec.clone();
         let txn = store.begin()?;
         let next =
@@ -391,6 +418,10 @@ impl Engine {
                 let r = self.create_job(*spec).await;
                 let _ = reply.send(r);
             }
+            Command::StopJob { id, reply } => {
+                let r = self.stop_job(&id).await;
+                let _ = reply.send(r);
+            }
         }
         Ok(())
     }
@@ -403,6 +434,27 @@ impl Engine {
         let out = f(&txn)?;
         txn.commit()?;
         Ok(out)
+    }
+
+    async fn stop_job(&mut self, id: &str) -> Result<JobRecord, OpError> {
+        let store = Arc::clone(&self.store);
+        let run = self
+            .jobs
+            .get_mut(id)
+            .ok_or_else(|| OpError::NotFound(format!("job {id}")))?;
+        let mut rec = run.rec.clone();
+        let mut round = run.round.clone();
+        let txn = store.begin()?;
+        lifecycle::stop_job(&txn, &mut rec, round.as_mut(), unix_ms())?;
+        txn.commit()?;
+        run.rec = rec.clone();
+        run.round = None;
+        tracing::info!(job = %id, "job stopped by the operator");
+        // The retained announcement now says Finished: devices stop training for it.
+        self.publish_state(id, None)
+            .await
+            .map_err(|e| OpError::Store(StoreError::Db(e.to_string())))?;
+        Ok(rec)
     }
 
     async fn create_job(&mut self, spec: JobSpec) -> Result<JobRecord, OpError> {
@@ -426,4 +478,20 @@ impl Engine {
             .map_err(|e| OpError::Store(StoreError::Db(e.to_string())))?;
         Ok(rec)
     }
+}
+
+/// ε after `rounds` rounds of the devices' Gaussian noise (`None` without noise).
+fn epsilon_after(spec: &JobSpec, rounds: u64) -> Option<f64> {
+    use fedge_fl::dp::{RdpAccountant, SampledGaussian};
+    let h = &spec.hyper;
+    if !(h.noise_multiplier > 0.0 && h.clip_norm > 0.0) {
+        return None;
+    }
+    let m = SampledGaussian::new(f64::from(h.noise_multiplier), 1.0).ok()?;
+    let mut acc = RdpAccountant::new();
+    acc.compose(&m, rounds);
+    acc.epsilon_and_order(spec.dp_delta)
+        .ok()
+        .map(|(e, _)| e)
+        .filter(|e| e.is_finite())
 }

@@ -62,7 +62,7 @@ impl From<OpError> for ApiError {
     fn from(e: OpError) -> Self {
         let code = match e {
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
-            OpError::Exists(_) => StatusCode::CONFLICT,
+            OpError::Exists(_) | OpError::Conflict(_) => StatusCode::CONFLICT,
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -79,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/jobs", get(jobs).post(create_job))
         .route("/api/jobs/{job}", get(job))
+        .route("/api/jobs/{job}/stop", post(stop_job))
         .route("/api/jobs/{job}/rounds", get(rounds))
         .route("/api/jobs/{job}/model", get(model))
         .route("/api/devices", get(devices).post(register))
@@ -185,6 +186,11 @@ async fn job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Jso
         .store
         .job(&id)?
         .ok_or_else(|| not_found(format!("job {id}")))?;
+    Ok(Json(job_view(&s.store, &rec)?))
+}
+
+async fn stop_job(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let rec = ask(&s, |reply| Command::StopJob { id, reply }).await?;
     Ok(Json(job_view(&s.store, &rec)?))
 }
 

@@ -20,6 +20,8 @@ pub enum OpError {
     Exists(String),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -154,11 +156,44 @@ pub fn open_round(
         stale: 0,
         aggregate_ms: None,
         result_sha256: None,
+        rejected: 0,
+        train_loss: None,
+        train_accuracy: None,
+        epsilon: None,
+        stopped: false,
     };
     rec.current_round = number;
     txn.put_round(&s.id, &round)?;
     txn.put_job(rec)?;
     Ok(round)
+}
+
+/// Stops a running job: its open round is closed without a model (`stopped`), the job is
+/// finished. Returns the stopped round.
+///
+/// # Errors
+/// [`OpError::NotFound`], [`OpError::Exists`] when it is already finished, or the store's.
+pub fn stop_job(
+    txn: &Txn,
+    rec: &mut JobRecord,
+    round: Option<&mut RoundRecord>,
+    now: u64,
+) -> Result<(), OpError> {
+    if rec.phase == JobPhase::Finished {
+        return Err(OpError::Conflict(format!(
+            "job {} has already finished",
+            rec.spec.id
+        )));
+    }
+    if let Some(r) = round {
+        r.closed_unix_ms = Some(now);
+        r.stopped = true;
+        txn.put_round(&rec.spec.id, r)?;
+        txn.delete_updates(&rec.spec.id, r.round)?;
+    }
+    rec.phase = JobPhase::Finished;
+    txn.put_job(rec)?;
+    Ok(())
 }
 
 /// Closes `round` with the aggregated `model` and the strategy's `state`: stores both, drops

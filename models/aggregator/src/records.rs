@@ -65,6 +65,23 @@ pub struct RoundRecord {
     /// sha256 (hex) of the model this round produced.
     #[serde(default)]
     pub result_sha256: Option<String>,
+    /// Updates for this job refused while the round was open (any reason but duplicate).
+    #[serde(default)]
+    pub rejected: u32,
+    /// Sample-weighted mean of the training loss and accuracy the devices reported with the
+    /// aggregated updates (on their own data, before training).
+    #[serde(default)]
+    pub train_loss: Option<f64>,
+    #[serde(default)]
+    pub train_accuracy: Option<f64>,
+    /// ε (at the job's `dp_delta`) of any device after this round, when the devices add
+    /// Gaussian noise: the RDP accountant composed over every round so far, without
+    /// amplification by sampling (the aggregator knows which devices took part).
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+    /// Set when an operator stopped the job during this round (no model produced).
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// An accepted, decoded update waiting for its round to close.

@@ -30,6 +30,10 @@ enum Command {
     Device(cmd::device::Args),
     /// Build and verify signed model bundles.
     Bundle(cmd::bundle::Args),
+    /// Federated-learning jobs on the aggregator: start, stop, status.
+    Job(cmd::job::Args),
+    /// A job's round history: devices selected, accepted, rejected, accuracy, loss (--plot).
+    Rounds(cmd::job::RoundsArgs),
     /// Staged rollouts: a signed bundle to a group in waves, with health checks and rollback.
     Rollout(cmd::rollout::Args),
     /// Differential privacy: `dp epsilon` plans a job's (ε, δ) budget.
@@ -81,6 +85,8 @@ fn main() -> ExitCode {
         Command::Device(a) => cmd::device::run(a),
         Command::Bundle(a) => cmd::bundle::run(a),
         Command::Rollout(a) => cmd::rollout::run(a),
+        Command::Job(a) => cmd::job::run(a),
+        Command::Rounds(a) => cmd::job::rounds(a),
         Command::Dp(a) => cmd::dp::run(a),
     };
     match result {

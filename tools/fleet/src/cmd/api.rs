@@ -51,10 +51,19 @@ impl Api {
         self.call("POST", path, body)
     }
 
+    /// `POST path` with a text body (a job spec in TOML); the status and JSON answer of a 2xx.
+    pub fn post_text(&self, path: &str, body: &str) -> anyhow::Result<(u16, Value)> {
+        self.call_text("POST", path, body)
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
         let body = body.map(Value::to_string).unwrap_or_default();
+        self.call_text(method, path, &body)
+    }
+
+    fn call_text(&self, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, Value)> {
         let (status, text) = self
-            .exchange(method, path, &body)
+            .exchange(method, path, body)
             .with_context(|| format!("aggregator at {} unreachable", self.url))?;
         let json: Option<Value> = serde_json::from_str(&text).ok();
         if !(200..300).contains(&status) {

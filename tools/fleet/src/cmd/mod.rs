@@ -5,6 +5,7 @@ pub mod check;
 pub mod demo;
 pub mod device;
 pub mod dp;
+pub mod job;
 pub mod keys;
 pub mod mosquitto;
 mod plot;
