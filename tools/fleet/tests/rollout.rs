@@ -384,3 +384,57 @@ async fn bundles_roll_out_in_waves_and_a_failing_one_aborts_and_rolls_back() {
         a.await.unwrap().expect("agent stopped cleanly");
     }
 }
+
+/// Flags are checked before anything is published: one line and a non-zero exit each.
+#[test]
+fn rollout_flags_and_files_are_checked_first() {
+    let t = TempDir::new("rollout-flags");
+    operator_keys(&t.join("ops"));
+    let good = bundle(&t, 1, false);
+    let key = s(&t.join("ops/operator.key"));
+    let st = s(&t.join("st.json"));
+    let base = |extra: &[&str]| {
+        let mut v: Vec<String> = ["rollout", "start", &good, "--key", &key, "--state", &st]
+            .map(String::from)
+            .to_vec();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    for (extra, why) in [
+        (&["--waves", "50%,25%,100%"][..], "must increase"),
+        (&["--waves", "10%,50%"], "last wave must be 100%"),
+        (&["--health-window", "2 weeks"], "unknown unit \"weeks\""),
+        (&["--health-window", "soon"], "not a duration"),
+        (&["--install-timeout", "5y"], "unknown unit"),
+        (&["--abort-above", "150%"], "between 0% and 100%"),
+        (&["--group", "a/b"], "--group"),
+        (&["--broker", "http://x"], "mqtt://"),
+    ] {
+        let out = fedge(&base(extra));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(
+            err.contains(why) && err.trim().lines().count() == 1,
+            "{extra:?}: {err}"
+        );
+    }
+    let out = fedge(&[
+        "rollout",
+        "start",
+        "/nonexistent.bundle",
+        "--key",
+        &key,
+        "--state",
+        &st,
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.bundle"));
+    let out = fedge(&["rollout", "start", &good, "--state", &st]);
+    assert_eq!(out.status.code(), Some(2), "--key is required");
+    for verb in ["status", "pause", "resume", "abort"] {
+        let out = fedge(&["rollout", verb, "--state", &st]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{verb}");
+        assert!(err.contains("rollout state"), "{verb}: {err}");
+    }
+    assert!(!t.join("st.json").exists(), "nothing written");
+}

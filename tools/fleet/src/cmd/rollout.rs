@@ -215,12 +215,12 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
         .ok()
         .filter(|v: &f64| v.is_finite() && *v >= 0.0)
         .with_context(|| format!("{s:?}: not a duration (e.g. 30s, 2m, 1h)"))?;
-    let secs = match unit {
+    let secs = match unit.trim() {
         "ms" => v / 1000.0,
         "s" => v,
         "m" => v * 60.0,
         "h" => v * 3600.0,
-        _ => bail!("{s:?}: unknown unit {unit:?} (ms, s, m, h)"),
+        u => bail!("{s:?}: unknown unit {u:?} (ms, s, m, h)"),
     };
     Ok(Duration::from_secs_f64(secs))
 }
