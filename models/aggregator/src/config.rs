@@ -134,6 +134,10 @@ pub struct JobSpec {
     /// (`hyper.noise_multiplier` and `hyper.clip_norm` > 0).
     #[serde(default = "default_dp_delta")]
     pub dp_delta: f64,
+    /// ε budget of the job (at `dp_delta`): a round that would take any device past it is not
+    /// opened and the job finishes. Needs device noise (`hyper.noise_multiplier`, `clip_norm`).
+    #[serde(default)]
+    pub dp_epsilon_budget: Option<f64>,
 }
 
 fn default_dp_delta() -> f64 {
@@ -404,6 +408,16 @@ impl JobSpec {
         check_id("jobs.id", &self.id)?;
         if !(self.dp_delta > 0.0 && self.dp_delta < 1.0) {
             return bad("dp_delta must be in (0, 1)");
+        }
+        if let Some(b) = self.dp_epsilon_budget {
+            if !(b.is_finite() && b > 0.0) {
+                return bad("dp_epsilon_budget must be a positive number");
+            }
+            if !(self.hyper.noise_multiplier > 0.0 && self.hyper.clip_norm > 0.0) {
+                return bad(
+                    "dp_epsilon_budget needs device noise: hyper.noise_multiplier and hyper.clip_norm > 0",
+                );
+            }
         }
         if let Some(n) = &self.model_name {
             check_id("jobs.model_name", n)?;

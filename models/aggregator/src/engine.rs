@@ -381,7 +381,7 @@ impl Engine {
             round.train_loss = mean(|u| u.loss);
             round.train_accuracy = mean(|u| u.accuracy);
         }
-        round.epsilon = epsilon_after(&run.rec.spec, round.round);
+        round.epsilon = lifecycle::epsilon_after(&run.rec.spec, round.round);
         let mut rec = run.rec.clone();
         let txn = store.begin()?;
         let next =
@@ -478,20 +478,4 @@ impl Engine {
             .map_err(|e| OpError::Store(StoreError::Db(e.to_string())))?;
         Ok(rec)
     }
-}
-
-/// ε after `rounds` rounds of the devices' Gaussian noise (`None` without noise).
-fn epsilon_after(spec: &JobSpec, rounds: u64) -> Option<f64> {
-    use fedge_fl::dp::{RdpAccountant, SampledGaussian};
-    let h = &spec.hyper;
-    if !(h.noise_multiplier > 0.0 && h.clip_norm > 0.0) {
-        return None;
-    }
-    let m = SampledGaussian::new(f64::from(h.noise_multiplier), 1.0).ok()?;
-    let mut acc = RdpAccountant::new();
-    acc.compose(&m, rounds);
-    acc.epsilon_and_order(spec.dp_delta)
-        .ok()
-        .map(|(e, _)| e)
-        .filter(|e| e.is_finite())
 }

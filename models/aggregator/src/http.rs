@@ -111,6 +111,10 @@ fn job_view(store: &Store, rec: &JobRecord) -> Result<Value, StoreError> {
         "model_version": rec.model_version,
         "param_count": rec.param_count,
         "strategy": rec.spec.strategy.name,
+        "epsilon_spent": crate::lifecycle::epsilon_after(&rec.spec, rec.model_version),
+        "epsilon_budget": rec.spec.dp_epsilon_budget,
+        "dp_delta": rec.spec.dp_delta,
+        "finish_reason": rec.finish_reason,
         "open_round": open,
         "spec": rec.spec,
     }))

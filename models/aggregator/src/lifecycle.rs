@@ -107,7 +107,17 @@ pub fn create_job(
         model_version: 0,
         phase: JobPhase::Running,
         created_unix_ms: now,
+        finish_reason: None,
     };
+    if let (Some(budget), Some(first)) = (rec.spec.dp_epsilon_budget, epsilon_after(&rec.spec, 1))
+        && first > budget
+    {
+        return Err(OpError::Invalid(ConfigError::Invalid(format!(
+            "job {}: one round already spends epsilon = {first:.4} > dp_epsilon_budget = {budget} \
+             (raise hyper.noise_multiplier)",
+            rec.spec.id
+        ))));
+    }
     txn.put_model(&rec.spec.id, 0, &params)?;
     let round = open_round(txn, &mut rec, 1, now)?;
     Ok((rec, round))
@@ -192,8 +202,27 @@ pub fn stop_job(
         txn.delete_updates(&rec.spec.id, r.round)?;
     }
     rec.phase = JobPhase::Finished;
+    rec.finish_reason = Some("stopped by the operator".into());
     txn.put_job(rec)?;
     Ok(())
+}
+
+/// ε (at the job's `dp_delta`) of any device after `rounds` rounds of the devices' Gaussian noise,
+/// from the RDP accountant with sampling rate 1 (no amplification by sampling is claimed: the
+/// aggregator knows who took part). `None` without noise.
+pub fn epsilon_after(spec: &JobSpec, rounds: u64) -> Option<f64> {
+    use fedge_fl::dp::{RdpAccountant, SampledGaussian};
+    let h = &spec.hyper;
+    if !(h.noise_multiplier > 0.0 && h.clip_norm > 0.0) || rounds == 0 {
+        return None;
+    }
+    let m = SampledGaussian::new(f64::from(h.noise_multiplier), 1.0).ok()?;
+    let mut acc = RdpAccountant::new();
+    acc.compose(&m, rounds);
+    acc.epsilon_and_order(spec.dp_delta)
+        .ok()
+        .map(|(e, _)| e)
+        .filter(|e| e.is_finite())
 }
 
 /// Closes `round` with the aggregated `model` and the strategy's `state`: stores both, drops
@@ -221,6 +250,18 @@ pub fn close_round(
     rec.model_version = round.round;
     if round.round >= rec.spec.rounds {
         rec.phase = JobPhase::Finished;
+        txn.put_job(rec)?;
+        return Ok(None);
+    }
+    let next = round.round + 1;
+    if let (Some(budget), Some(e)) = (rec.spec.dp_epsilon_budget, epsilon_after(&rec.spec, next))
+        && e > budget
+    {
+        rec.phase = JobPhase::Finished;
+        rec.finish_reason = Some(format!(
+            "privacy budget: round {next} would spend epsilon = {e:.4} > {budget}"
+        ));
+        tracing::info!(job = %rec.spec.id, round = next, epsilon = e, budget, "privacy budget reached; job finished");
         txn.put_job(rec)?;
         return Ok(None);
     }

@@ -38,6 +38,9 @@ pub struct JobRecord {
     pub model_version: u64,
     pub phase: JobPhase,
     pub created_unix_ms: u64,
+    /// Why a job finished before its last round (operator stop, privacy budget).
+    #[serde(default)]
+    pub finish_reason: Option<String>,
 }
 
 /// One round of a job. Created open (`closed_unix_ms: None`) and closed by the aggregation.

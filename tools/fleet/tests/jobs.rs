@@ -197,6 +197,107 @@ async fn jobs_start_run_report_their_rounds_and_stop() {
     }
     assert_eq!(phase, fedge_proto::msg::Phase::Finished);
 
+    // An ε budget: z = 1.1 spends 4.24 after one round, 6.33 after two and 8.04 after three
+    // (δ = 1e-5); with a budget of 7 the job finishes after round 2 instead of opening round 3.
+    std::fs::write(
+        &spec,
+        "id = \"private\"\nrounds = 10\nmin_devices = 3\nmodel = { zeros = 8 }\n\
+         dp_epsilon_budget = 7.0\nhyper = { clip_norm = 1.0, noise_multiplier = 1.1 }\n",
+    )
+    .unwrap();
+    // Three fresh devices for it; the first three are revoked so only these are selected.
+    let mut private = Vec::new();
+    for i in 0..3 {
+        fedge_ok(args(&[
+            "device",
+            "revoke",
+            &format!("dev-{i:02}"),
+            "--aggregator",
+            &api,
+        ]))
+        .await;
+        let id = agg::Identity::new(&format!("p-{i:02}"));
+        let body = format!(
+            "{{\"id\": \"{}\", \"public_key\": \"{}\"}}",
+            id.id,
+            id.signer.public_key().to_hex()
+        );
+        let (code, text) = agg::http(running.http, "POST", "/api/devices", Some(&body)).await;
+        assert_eq!(code, 201, "{text}");
+        private.push(id);
+    }
+    fedge_ok(args(&["job", "start", &spec_s, "--aggregator", &api])).await;
+    let mut devices = Vec::new();
+    for id in private {
+        devices.push(Device::connect(running.broker_port, FLEET, id, key, "private").await);
+    }
+    for round in 1..=2u64 {
+        for (i, d) in devices.iter_mut().enumerate() {
+            d.announce("private", round).await;
+            let (seq, w) = d.seal_update("private", round, 10, &encode(&agg::delta(i, round, 8)));
+            assert_eq!(
+                d.send_until_acked("private", seq, &w).await.outcome,
+                Outcome::Accepted
+            );
+        }
+    }
+    let mut job = serde_json::Value::Null;
+    for _ in 0..100 {
+        let out = fedge_ok(args(&[
+            "job",
+            "status",
+            "private",
+            "--aggregator",
+            &api,
+            "--json",
+        ]))
+        .await;
+        job = serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .unwrap()
+            .remove(0);
+        if job["phase"] == "finished" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(job["phase"], "finished", "{job}");
+    assert_eq!(job["model_version"], 2);
+    assert!(
+        (job["epsilon_spent"].as_f64().unwrap() - 6.3274).abs() < 1e-3,
+        "{job}"
+    );
+    assert!(
+        job["finish_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("privacy budget: round 3"),
+        "{job}"
+    );
+    let text = fedge_ok(args(&["job", "status", "private", "--aggregator", &api])).await;
+    assert!(
+        text.contains("epsilon spent 6.3274 of budget 7.0000"),
+        "{text}"
+    );
+    // A budget the first round already exceeds is refused at creation.
+    std::fs::write(
+        &spec,
+        "id = \"tight\"\nmodel = { zeros = 8 }\ndp_epsilon_budget = 1.0\n\
+         hyper = { clip_norm = 1.0, noise_multiplier = 1.1 }\n",
+    )
+    .unwrap();
+    let e = fedge_fails(args(&["job", "start", &spec_s, "--aggregator", &api])).await;
+    assert!(
+        e.contains("400") && e.contains("one round already spends"),
+        "{e}"
+    );
+    std::fs::write(
+        &spec,
+        "id = \"nonoise\"\nmodel = { zeros = 8 }\ndp_epsilon_budget = 8.0\n",
+    )
+    .unwrap();
+    let e = fedge_fails(args(&["job", "start", &spec_s, "--aggregator", &api])).await;
+    assert!(e.contains("needs device noise"), "{e}");
+
     // Errors: stop twice, unknown job, bad spec, missing file, unreachable aggregator.
     let e = fedge_fails(args(&["job", "stop", "digits", "--aggregator", &api])).await;
     assert!(e.contains("409") && e.contains("already finished"), "{e}");

@@ -122,6 +122,20 @@ fn print_jobs(jobs: &[Value], json: bool, verb: &str) -> anyhow::Result<()> {
             s("param_count"),
             s("strategy"),
         );
+        let eps = j.get("epsilon_spent").and_then(Value::as_f64);
+        let budget = j.get("epsilon_budget").and_then(Value::as_f64);
+        if eps.is_some() || budget.is_some() {
+            let show = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |x| format!("{x:.4}"));
+            println!(
+                "  privacy: epsilon spent {} of budget {} (delta {})",
+                show(eps),
+                show(budget),
+                s("dp_delta")
+            );
+        }
+        if let Some(why) = j.get("finish_reason").and_then(Value::as_str) {
+            println!("  finished early: {why}");
+        }
     }
     Ok(())
 }
