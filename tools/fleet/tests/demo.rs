@@ -224,10 +224,34 @@ fn demo_runs_against_a_real_mosquitto() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// Local DP: the noise multiplier is solved for the target ε, every round runs within the job's
+/// budget, and the summary reports what was spent.
+#[test]
+fn demo_with_local_dp_meets_its_epsilon() {
+    let out = out_dir("dp");
+    let s = demo(&out, &["--clip-norm", "1", "--dp-epsilon", "8"]);
+    assert_eq!(
+        s["accuracy"].as_array().unwrap().len(),
+        10,
+        "all rounds ran"
+    );
+    let e = s["epsilon"].as_f64().unwrap();
+    assert!(e <= 8.0 && e > 7.99, "epsilon {e}");
+    let z = s["noise_multiplier"].as_f64().unwrap();
+    assert!(z > 1.0, "z {z}");
+    assert_eq!(s["clip_norm"], 1.0);
+    assert_eq!(s["dp_delta"], 1e-5);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn demo_refuses_bad_flags_with_a_message() {
     for args in [
-        &["demo", "--devices", "0"][..],
+        &["demo", "--noise-multiplier", "1"][..],
+        &["demo", "--dp-epsilon", "8"],
+        &["demo", "--clip-norm", "1", "--dp-epsilon", "-1"],
+        &["demo", "--clip-norm", "1", "--dp-delta", "1"],
+        &["demo", "--devices", "0"],
         &["demo", "--codec", "bf16"],
         &["demo", "--data", "/nonexistent.csv"],
         &[

@@ -98,6 +98,20 @@ pub struct Args {
     /// half the devices), or earlier when every device has answered.
     #[arg(long, default_value_t = 30_000)]
     pub deadline_ms: u64,
+    /// Local differential privacy: each device clips its update to this L2 norm (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub clip_norm: f32,
+    /// Local DP noise: Gaussian with standard deviation noise_multiplier × clip_norm on each
+    /// device's clipped update (needs --clip-norm).
+    #[arg(long, default_value_t = 0.0, conflicts_with = "dp_epsilon")]
+    pub noise_multiplier: f32,
+    /// Target ε after all rounds (at --dp-delta): the smallest noise multiplier that keeps every
+    /// device's ε within it is used, and the job's privacy budget is set to it (needs --clip-norm).
+    #[arg(long)]
+    pub dp_epsilon: Option<f64>,
+    /// δ of the privacy accounting.
+    #[arg(long, default_value_t = 1e-5)]
+    pub dp_delta: f64,
     /// Also write the run's exact data split and start to DIR (for baselines outside fedge):
     /// dev-NN.csv (each device's training rows), test.csv, and split.json (hyper-parameters and
     /// the initial global parameters).
@@ -125,10 +139,24 @@ struct Summary {
     /// Bytes of global-model chunks the devices fetched.
     bytes_received: u64,
     seconds: f64,
+    /// Local DP: the clipping norm and noise multiplier the devices used, and the ε (at
+    /// `dp_delta`) of any device after the rounds run; absent without noise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clip_norm: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    noise_multiplier: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epsilon: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dp_delta: Option<f64>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(mut args: Args) -> anyhow::Result<()> {
     check(&args)?;
+    if let Some(e) = args.dp_epsilon {
+        args.noise_multiplier = noise_for(e, args.rounds, args.dp_delta)?;
+    }
+    let noise = args.noise_multiplier;
     let data = load(args.data.as_deref())?;
     let (train_set, test_set) = train::data::train_test_split(&data, TEST_FRACTION, args.seed)
         .context("splitting off the test set")?;
@@ -166,6 +194,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bytes_sent: fed.bytes_sent,
         bytes_received: fed.bytes_received,
         seconds: started.elapsed().as_secs_f64(),
+        clip_norm: (args.clip_norm > 0.0).then_some(args.clip_norm),
+        noise_multiplier: (noise > 0.0).then_some(noise),
+        epsilon: (noise > 0.0)
+            .then(|| epsilon_after(f64::from(noise), args.rounds, args.dp_delta))
+            .flatten(),
+        dp_delta: (noise > 0.0).then_some(args.dp_delta),
     };
     write_outputs(&args, &summary, &global, &test_set)?;
     report(&args, &summary)
@@ -187,7 +221,48 @@ fn check(args: &Args) -> anyhow::Result<()> {
     if args.epochs == 0 || args.batch == 0 || !(args.lr > 0.0 && args.lr.is_finite()) {
         bail!("--epochs, --batch and --lr must be positive");
     }
+    let non_negative = |v: f32| v >= 0.0 && v.is_finite();
+    if !(non_negative(args.clip_norm) && non_negative(args.noise_multiplier)) {
+        bail!("--clip-norm and --noise-multiplier must be finite and non-negative");
+    }
+    if (args.noise_multiplier > 0.0 || args.dp_epsilon.is_some()) && args.clip_norm <= 0.0 {
+        bail!("local DP noise needs --clip-norm (the noise is scaled to it)");
+    }
+    if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
+        bail!("--dp-delta must be in (0, 1)");
+    }
+    if args.dp_epsilon.is_some_and(|e| !(e > 0.0 && e.is_finite())) {
+        bail!("--dp-epsilon must be positive");
+    }
     Ok(())
+}
+
+/// ε after `rounds` rounds of Gaussian noise with multiplier `z` (sampling rate 1).
+fn epsilon_after(z: f64, rounds: u64, delta: f64) -> Option<f64> {
+    let m = fedge_fl::dp::SampledGaussian::new(z, 1.0).ok()?;
+    let mut acc = fedge_fl::dp::RdpAccountant::new();
+    acc.compose(&m, rounds);
+    acc.epsilon_and_order(delta).ok().map(|(e, _)| e)
+}
+
+/// The smallest noise multiplier (to 1e-4 relative, as an f32 the job carries) whose ε after
+/// `rounds` rounds is at most `target`.
+fn noise_for(target: f64, rounds: u64, delta: f64) -> anyhow::Result<f32> {
+    let fits = |z: f64| epsilon_after(z, rounds, delta).is_some_and(|e| e <= target);
+    let (mut lo, mut hi) = (1e-3, 1e4);
+    if !fits(hi) {
+        bail!("--dp-epsilon {target}: out of reach even with noise multiplier {hi}");
+    }
+    while hi / lo > 1.0 + 1e-5 {
+        let mid = (lo * hi).sqrt();
+        if fits(mid) { hi = mid } else { lo = mid }
+    }
+    // Rounded up as f32, so the job's own accounting stays within the target.
+    let mut z = hi as f32;
+    while !fits(f64::from(z)) {
+        z = f32::from_bits(z.to_bits() + 1);
+    }
+    Ok(z)
 }
 
 fn load(path: Option<&Path>) -> anyhow::Result<Dataset> {
@@ -453,18 +528,25 @@ fn aggregator_config(
     } else {
         0.0
     };
+    let budget = args
+        .dp_epsilon
+        .map_or_else(String::new, |e| format!("dp_epsilon_budget = {e:?}\n"));
     let spec = format!(
         "id = {JOB:?}\nmodel = {{ zeros = 1 }}\nstrategy = {strategy}\nrounds = {}\n\
-         min_devices = {}\ndeadline_ms = {}\ncodec = {:?}\nseed = {}\n\
-         [hyper]\nlearning_rate = {:?}\nepochs = {}\nbatch_size = {}\nproximal_mu = {mu:?}\n",
+         min_devices = {}\ndeadline_ms = {}\ncodec = {:?}\nseed = {}\ndp_delta = {:?}\n{budget}\
+         [hyper]\nlearning_rate = {:?}\nepochs = {}\nbatch_size = {}\nproximal_mu = {mu:?}\n\
+         clip_norm = {:?}\nnoise_multiplier = {:?}\n",
         args.rounds,
         args.devices.div_ceil(2),
         args.deadline_ms,
         args.codec,
         args.seed,
+        args.dp_delta,
         args.lr,
         args.epochs,
         args.batch,
+        args.clip_norm,
+        args.noise_multiplier,
     );
     let mut job = JobSpec::parse(&spec, cfg.broker.max_packet_bytes)
         .map_err(|e| anyhow::anyhow!("job: {e}"))?;
@@ -732,6 +814,13 @@ fn report(args: &Args, s: &Summary) -> anyhow::Result<()> {
         "devices sent {} bytes of updates and fetched {} bytes of models",
         s.bytes_sent, s.bytes_received
     );
+    if let (Some(c), Some(z)) = (s.clip_norm, s.noise_multiplier) {
+        println!(
+            "local DP: clip {c}, noise multiplier {z}: epsilon {} at delta {} for any device",
+            s.epsilon.map_or_else(|| "-".into(), |e| format!("{e:.3}")),
+            args.dp_delta
+        );
+    }
     println!(
         "wrote {0}/demo.svg, {0}/model.onnx, {0}/predictions.csv, {0}/test.csv, {0}/summary.json",
         args.out.display()
