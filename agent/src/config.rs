@@ -125,6 +125,11 @@ pub struct InferConfig {
     pub threads: usize,
     /// Files run per scan (keeps each blocking job short).
     pub batch: usize,
+    /// A Unix socket for request/response inference (`docs/agent.md`, Inference); created mode
+    /// 0600 at start, a stale file of that name is replaced.
+    pub socket: Option<PathBuf>,
+    /// Largest request accepted on the socket, in bytes (all input frames together).
+    pub max_request_bytes: usize,
 }
 
 /// The head a device trains, over the features of its local data.
@@ -235,6 +240,8 @@ impl Default for InferConfig {
             poll_ms: 500,
             threads: 1,
             batch: 16,
+            socket: None,
+            max_request_bytes: 16 << 20,
         }
     }
 }

@@ -297,6 +297,24 @@ impl Control {
             tokio::time::interval(Duration::from_millis(self.svc.config.infer.poll_ms.max(10)));
         infer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut inferring = false;
+        let (sock_tx, mut sock_rx) = mpsc::unbounded_channel();
+        let _socket = self.svc.config.infer.socket.as_ref().and_then(|path| {
+            match infer::socket::bind(path) {
+                Ok(listener) => {
+                    tracing::info!(socket = %path.display(), "inference socket listening");
+                    Some(AbortOnDrop(tokio::spawn(infer::socket::serve(
+                        listener,
+                        self.svc.served.clone(),
+                        self.svc.config.infer.max_request_bytes,
+                        sock_tx.clone(),
+                    ))))
+                }
+                Err(e) => {
+                    tracing::error!(socket = %path.display(), error = %e, "inference socket not available");
+                    None
+                }
+            }
+        });
         let mut closing: Option<tokio::time::Instant> = None;
         let acts = self.svc.agent.on_start();
         self.execute(acts);
@@ -308,6 +326,7 @@ impl Control {
                     None | Some(LinkEvent::Closed) => return,
                     Some(ev) => self.on_link(ev),
                 },
+                Some(r) = sock_rx.recv() => self.svc.agent.on_inferences(&[r]),
                 Some(done) = self.jobs.1.recv() => {
                     inferring &= !matches!(done, Done::Infer(_));
                     self.on_done(done);
@@ -481,6 +500,15 @@ impl Control {
         };
         self.spawn(move || Done::Infer(infer::scan(&served, &dirs)));
         true
+    }
+}
+
+/// Stops the inference socket's task with the control loop.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
