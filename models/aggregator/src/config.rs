@@ -138,6 +138,26 @@ pub struct JobSpec {
     /// opened and the job finishes. Needs device noise (`hyper.noise_multiplier`, `clip_norm`).
     #[serde(default)]
     pub dp_epsilon_budget: Option<f64>,
+    /// Central DP (DP-FedAvg): the aggregator clips each update to `clip_norm`, averages them
+    /// with equal weights and adds Gaussian noise of `noise_multiplier × clip_norm / n`.
+    #[serde(default)]
+    pub central_dp: Option<CentralDpSpec>,
+}
+
+/// `central_dp = { clip_norm = 1.0, noise_multiplier = 1.0 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CentralDpSpec {
+    pub clip_norm: f32,
+    pub noise_multiplier: f32,
+}
+
+impl JobSpec {
+    /// Whether any noise is added (on the devices or here): what the accountant counts.
+    pub fn has_noise(&self) -> bool {
+        (self.hyper.noise_multiplier > 0.0 && self.hyper.clip_norm > 0.0)
+            || self.central_dp.is_some()
+    }
 }
 
 fn default_dp_delta() -> f64 {
@@ -413,10 +433,16 @@ impl JobSpec {
             if !(b.is_finite() && b > 0.0) {
                 return bad("dp_epsilon_budget must be a positive number");
             }
-            if !(self.hyper.noise_multiplier > 0.0 && self.hyper.clip_norm > 0.0) {
+            if !self.has_noise() {
                 return bad(
-                    "dp_epsilon_budget needs device noise: hyper.noise_multiplier and hyper.clip_norm > 0",
+                    "dp_epsilon_budget needs noise: central_dp, or hyper.noise_multiplier and hyper.clip_norm > 0",
                 );
+            }
+        }
+        if let Some(c) = self.central_dp {
+            let ok = |v: f32| v.is_finite() && v > 0.0;
+            if !(ok(c.clip_norm) && ok(c.noise_multiplier)) {
+                return bad("central_dp: clip_norm and noise_multiplier must be positive");
             }
         }
         if let Some(n) = &self.model_name {

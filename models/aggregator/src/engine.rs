@@ -358,7 +358,19 @@ impl Engine {
         let mut strategy = strategy(&store, &run.rec)?;
         let failures = round.selected.saturating_sub(round.accepted - round.stale) as usize;
         let t0 = Instant::now();
-        let model = match strategy.aggregate(round.round, &run.global, &updates, failures) {
+        let inputs = match run.rec.spec.central_dp {
+            None => None,
+            Some(c) => match central_mean(c, round.round, &updates) {
+                Ok(u) => Some(vec![u]),
+                Err(why) => {
+                    tracing::error!(job, round = round.round, error = %why, "central DP failed; waiting for more updates");
+                    run.failed_at = Some(round.accepted);
+                    return Ok(());
+                }
+            },
+        };
+        let inputs = inputs.as_deref().unwrap_or(&updates);
+        let model = match strategy.aggregate(round.round, &run.global, inputs, failures) {
             Ok(m) => m,
             Err(why) => {
                 tracing::error!(job, round = round.round, error = %why, "aggregation failed; waiting for more updates");
@@ -478,4 +490,46 @@ impl Engine {
             .map_err(|e| OpError::Store(StoreError::Db(e.to_string())))?;
         Ok(rec)
     }
+}
+
+/// DP-FedAvg's server step: every update clipped to `clip_norm`, summed, Gaussian noise of
+/// `noise_multiplier × clip_norm` added to the sum, divided by the count; handed to the strategy
+/// as one update of weight 1 (the per-device weights would break the sensitivity bound).
+fn central_mean(
+    c: crate::config::CentralDpSpec,
+    round: u64,
+    updates: &[crate::records::StoredUpdate],
+) -> Result<crate::records::StoredUpdate, String> {
+    use fedge_fl::dp::{CentralDp, Clipping, NoiseRng};
+    let first = updates.first().ok_or("no updates")?;
+    let mut dp = CentralDp::new(
+        f64::from(c.noise_multiplier),
+        Clipping::Fixed(f64::from(c.clip_norm)),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut sum = vec![0f32; first.delta.len()];
+    let mut unclipped = 0;
+    for u in updates {
+        let mut d = u.delta.clone();
+        if d.len() != sum.len() {
+            return Err("updates of different lengths".into());
+        }
+        unclipped += u64::from(dp.clip(&mut d).map_err(|e| e.to_string())?);
+        sum.iter_mut().zip(&d).for_each(|(s, v)| *s += v);
+    }
+    let n = updates.len() as u64;
+    let mut rng = NoiseRng::from_system().map_err(|e| e.to_string())?;
+    dp.noise_sum(&mut sum, unclipped, n, &mut rng)
+        .map_err(|e| e.to_string())?;
+    sum.iter_mut().for_each(|s| *s /= n as f32);
+    Ok(crate::records::StoredUpdate {
+        device: "central-dp".into(),
+        for_round: round,
+        seq: 0,
+        num_samples: 1,
+        staleness_weight: 1.0,
+        loss: first.loss,
+        accuracy: first.accuracy,
+        delta: sum,
+    })
 }

@@ -210,15 +210,30 @@ pub fn stop_job(
 /// ε (at the job's `dp_delta`) of any device after `rounds` rounds of the devices' Gaussian noise,
 /// from the RDP accountant with sampling rate 1 (no amplification by sampling is claimed: the
 /// aggregator knows who took part). `None` without noise.
+///
+/// Central DP noise counts with the job's selection fraction as sampling rate (the devices'
+/// participation is hidden by the aggregator's noise from whoever sees the models); both kinds
+/// compose when both are configured.
 pub fn epsilon_after(spec: &JobSpec, rounds: u64) -> Option<f64> {
     use fedge_fl::dp::{RdpAccountant, SampledGaussian};
     let h = &spec.hyper;
-    if !(h.noise_multiplier > 0.0 && h.clip_norm > 0.0) || rounds == 0 {
+    if !spec.has_noise() || rounds == 0 {
         return None;
     }
-    let m = SampledGaussian::new(f64::from(h.noise_multiplier), 1.0).ok()?;
     let mut acc = RdpAccountant::new();
-    acc.compose(&m, rounds);
+    if h.noise_multiplier > 0.0 && h.clip_norm > 0.0 {
+        acc.compose(
+            &SampledGaussian::new(f64::from(h.noise_multiplier), 1.0).ok()?,
+            rounds,
+        );
+    }
+    if let Some(c) = spec.central_dp {
+        let q = spec.fraction.clamp(0.0, 1.0);
+        acc.compose(
+            &SampledGaussian::new(f64::from(c.noise_multiplier), q).ok()?,
+            rounds,
+        );
+    }
     acc.epsilon_and_order(spec.dp_delta)
         .ok()
         .map(|(e, _)| e)

@@ -241,6 +241,21 @@ fn demo_with_local_dp_meets_its_epsilon() {
     assert!(z > 1.0, "z {z}");
     assert_eq!(s["clip_norm"], 1.0);
     assert_eq!(s["dp_delta"], 1e-5);
+    assert_eq!(s["dp_mode"], "local");
+    let central = demo(
+        &out,
+        &[
+            "--dp-mode",
+            "central",
+            "--clip-norm",
+            "1",
+            "--dp-epsilon",
+            "8",
+        ],
+    );
+    assert_eq!(central["dp_mode"], "central");
+    assert_eq!(central["noise_multiplier"], s["noise_multiplier"]);
+    assert!(central["epsilon"].as_f64().unwrap() <= 8.0);
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -251,6 +266,7 @@ fn demo_refuses_bad_flags_with_a_message() {
         &["demo", "--dp-epsilon", "8"],
         &["demo", "--clip-norm", "1", "--dp-epsilon", "-1"],
         &["demo", "--clip-norm", "1", "--dp-delta", "1"],
+        &["demo", "--dp-mode", "secure"],
         &["demo", "--devices", "0"],
         &["demo", "--codec", "bf16"],
         &["demo", "--data", "/nonexistent.csv"],

@@ -112,6 +112,10 @@ pub struct Args {
     /// δ of the privacy accounting.
     #[arg(long, default_value_t = 1e-5)]
     pub dp_delta: f64,
+    /// Where the clipping and noise happen: `local` (each device, on its own update) or
+    /// `central` (the aggregator, on the clipped mean: DP-FedAvg).
+    #[arg(long, default_value = "local")]
+    pub dp_mode: String,
     /// Also write the run's exact data split and start to DIR (for baselines outside fedge):
     /// dev-NN.csv (each device's training rows), test.csv, and split.json (hyper-parameters and
     /// the initial global parameters).
@@ -149,6 +153,8 @@ struct Summary {
     epsilon: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dp_delta: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dp_mode: Option<String>,
 }
 
 pub fn run(mut args: Args) -> anyhow::Result<()> {
@@ -200,6 +206,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             .then(|| epsilon_after(f64::from(noise), args.rounds, args.dp_delta))
             .flatten(),
         dp_delta: (noise > 0.0).then_some(args.dp_delta),
+        dp_mode: (noise > 0.0).then(|| args.dp_mode.clone()),
     };
     write_outputs(&args, &summary, &global, &test_set)?;
     report(&args, &summary)
@@ -227,6 +234,9 @@ fn check(args: &Args) -> anyhow::Result<()> {
     }
     if (args.noise_multiplier > 0.0 || args.dp_epsilon.is_some()) && args.clip_norm <= 0.0 {
         bail!("local DP noise needs --clip-norm (the noise is scaled to it)");
+    }
+    if !matches!(args.dp_mode.as_str(), "local" | "central") {
+        bail!("--dp-mode must be local or central");
     }
     if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
         bail!("--dp-delta must be in (0, 1)");
@@ -528,9 +538,21 @@ fn aggregator_config(
     } else {
         0.0
     };
-    let budget = args
+    let mut budget = args
         .dp_epsilon
         .map_or_else(String::new, |e| format!("dp_epsilon_budget = {e:?}\n"));
+    let central = args.dp_mode == "central";
+    let (clip, noise) = if central {
+        if args.clip_norm > 0.0 && args.noise_multiplier > 0.0 {
+            budget += &format!(
+                "central_dp = {{ clip_norm = {:?}, noise_multiplier = {:?} }}\n",
+                args.clip_norm, args.noise_multiplier
+            );
+        }
+        (0.0, 0.0)
+    } else {
+        (args.clip_norm, args.noise_multiplier)
+    };
     let spec = format!(
         "id = {JOB:?}\nmodel = {{ zeros = 1 }}\nstrategy = {strategy}\nrounds = {}\n\
          min_devices = {}\ndeadline_ms = {}\ncodec = {:?}\nseed = {}\ndp_delta = {:?}\n{budget}\
@@ -545,8 +567,8 @@ fn aggregator_config(
         args.lr,
         args.epochs,
         args.batch,
-        args.clip_norm,
-        args.noise_multiplier,
+        clip,
+        noise,
     );
     let mut job = JobSpec::parse(&spec, cfg.broker.max_packet_bytes)
         .map_err(|e| anyhow::anyhow!("job: {e}"))?;
@@ -816,7 +838,8 @@ fn report(args: &Args, s: &Summary) -> anyhow::Result<()> {
     );
     if let (Some(c), Some(z)) = (s.clip_norm, s.noise_multiplier) {
         println!(
-            "local DP: clip {c}, noise multiplier {z}: epsilon {} at delta {} for any device",
+            "{} DP: clip {c}, noise multiplier {z}: epsilon {} at delta {} for any device",
+            args.dp_mode,
             s.epsilon.map_or_else(|| "-".into(), |e| format!("{e:.3}")),
             args.dp_delta
         );
