@@ -444,6 +444,21 @@ impl JobSpec {
             if !(ok(c.clip_norm) && ok(c.noise_multiplier)) {
                 return bad("central_dp: clip_norm and noise_multiplier must be positive");
             }
+            let averaging = [
+                "fedavg",
+                "fedprox",
+                "fedavgm",
+                "fedadam",
+                "fedyogi",
+                "fedadagrad",
+            ];
+            if !averaging.contains(&self.strategy.name.as_str()) {
+                return bad(
+                    "central_dp replaces the updates by their noised mean: use an averaging \
+                     strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad), not a \
+                     robust one",
+                );
+            }
         }
         if let Some(n) = &self.model_name {
             check_id("jobs.model_name", n)?;

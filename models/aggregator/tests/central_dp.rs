@@ -104,6 +104,10 @@ fn central_dp_parameters_are_checked() {
         ),
         ("central_dp = { clip_norm = 1.0 }", "noise_multiplier"),
         ("dp_epsilon_budget = 3.0", "needs noise"),
+        (
+            "strategy = { name = \"fedmedian\" }\ncentral_dp = { clip_norm = 1.0, noise_multiplier = 1.0 }",
+            "averaging strategy",
+        ),
     ] {
         let text = format!("id = \"x\"\nmodel = {{ zeros = 4 }}\n{spec}");
         let e = JobSpec::parse(&text, 1 << 20)

@@ -267,6 +267,7 @@ fn demo_refuses_bad_flags_with_a_message() {
         &["demo", "--clip-norm", "1", "--dp-epsilon", "-1"],
         &["demo", "--clip-norm", "1", "--dp-delta", "1"],
         &["demo", "--dp-mode", "secure"],
+        &["demo", "--dp-mode", "central", "--clip-norm", "1"],
         &["demo", "--devices", "0"],
         &["demo", "--codec", "bf16"],
         &["demo", "--data", "/nonexistent.csv"],

@@ -238,6 +238,9 @@ fn check(args: &Args) -> anyhow::Result<()> {
     if !matches!(args.dp_mode.as_str(), "local" | "central") {
         bail!("--dp-mode must be local or central");
     }
+    if args.dp_mode == "central" && args.noise_multiplier <= 0.0 && args.dp_epsilon.is_none() {
+        bail!("--dp-mode central needs --clip-norm with --noise-multiplier or --dp-epsilon");
+    }
     if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
         bail!("--dp-delta must be in (0, 1)");
     }
