@@ -682,16 +682,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The bundle's name, version, model sha256 and the file itself, checked against the key.
 fn read_bundle(path: &Path, key: &PublicKey) -> anyhow::Result<(String, u64, [u8; 32], Vec<u8>)> {
     let wire = std::fs::read(path).with_context(|| format!("bundle {}", path.display()))?;
-    let env = Envelope::open(&wire, wire.len())
-        .map_err(|e| anyhow::anyhow!("{}: not a bundle: {e}", path.display()))?
-        .verify(key)
-        .map_err(|_| anyhow::anyhow!("{}: not signed by this operator key", path.display()))?;
-    if env.kind != Kind::Bundle {
-        bail!("{}: not a bundle but a {:?}", path.display(), env.kind);
-    }
-    let b: Bundle<'_> = decode(env.payload)
-        .map_err(|e| anyhow::anyhow!("{}: bundle payload: {e}", path.display()))?;
-    Ok((b.name.to_string(), b.version, sha256(b.model), wire.clone()))
+    let (name, version, model_sha) = {
+        let env = Envelope::open(&wire, wire.len())
+            .map_err(|e| anyhow::anyhow!("{}: not a bundle: {e}", path.display()))?
+            .verify(key)
+            .map_err(|_| anyhow::anyhow!("{}: not signed by this operator key", path.display()))?;
+        if env.kind != Kind::Bundle {
+            bail!("{}: not a bundle but a {:?}", path.display(), env.kind);
+        }
+        let b: Bundle<'_> = decode(env.payload)
+            .map_err(|e| anyhow::anyhow!("{}: bundle payload: {e}", path.display()))?;
+        (b.name.to_string(), b.version, sha256(b.model))
+    };
+    Ok((name, version, model_sha, wire))
 }
 
 fn start(a: &StartArgs) -> anyhow::Result<()> {
