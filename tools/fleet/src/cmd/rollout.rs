@@ -199,7 +199,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 Phase::Aborted => bail!("the rollout of {} v{} was aborted", st.name, st.version),
                 Phase::Running | Phase::Paused => {}
             }
+            // Running on disk before anything else, so an `abort` from now on is left to us.
             st.phase = Phase::Running;
+            save(&s.state, &st)?;
             drive(&s.state, st, s.json)
         }
         RolloutCommand::Abort(s) => abort_cmd(&s),
