@@ -296,7 +296,7 @@ async fn jobs_start_run_report_their_rounds_and_stop() {
     )
     .unwrap();
     let e = fedge_fails(args(&["job", "start", &spec_s, "--aggregator", &api])).await;
-    assert!(e.contains("needs device noise"), "{e}");
+    assert!(e.contains("needs noise"), "{e}");
 
     // Errors: stop twice, unknown job, bad spec, missing file, unreachable aggregator.
     let e = fedge_fails(args(&["job", "stop", "digits", "--aggregator", &api])).await;
