@@ -10,6 +10,7 @@
 //! - [`vector`]: [`l2_norm`], [`clip_l2`], [`delta`], [`apply_delta`].
 //! - [`dp`]: differential privacy: L2 clipping (fixed and adaptive), Gaussian noise on the
 //!   device or on the server's sum, and an RDP accountant with a per-job ε budget.
+//! - [`secagg`]: secure aggregation, SecAgg+ style: the aggregator learns only the sum.
 //! - [`ClientUpdate`], [`RoundConfig`], [`RoundOptions`]: what flows in and out of a round.
 //! - [`FlError`]: every failure, as a value.
 //!
@@ -38,6 +39,7 @@ pub mod codec;
 pub mod dp;
 mod error;
 mod round;
+pub mod secagg;
 pub mod strategy;
 pub mod vector;
 
