@@ -123,7 +123,24 @@ fn main() -> Result<(), Box<dyn Error>> {
         let i = i as usize;
         received[i] += wire::encode_ids(&u3).len();
         let t = Instant::now();
-        let reveals = clients[i].unmask(&signers[i], &u3)?;
+        let c = clients[i].confirm(&signers[i], &u3)?;
+        let bytes = wire::encode_confirmations(std::slice::from_ref(&c));
+        device_time[i] += t.elapsed();
+        sent[i] += bytes.len();
+        let t = Instant::now();
+        for c in wire::decode_confirmations(&bytes)? {
+            server.receive_confirmation(c)?;
+        }
+        server_time += t.elapsed();
+    }
+    let t = Instant::now();
+    let confs = wire::encode_confirmations(&server.close_confirmations()?);
+    server_time += t.elapsed();
+    for &i in &u3 {
+        let i = i as usize;
+        received[i] += confs.len();
+        let t = Instant::now();
+        let reveals = clients[i].unmask(&signers[i], &wire::decode_confirmations(&confs)?)?;
         let bytes = reveals.to_bytes();
         device_time[i] += t.elapsed();
         sent[i] += bytes.len();

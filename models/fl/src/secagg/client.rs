@@ -11,8 +11,11 @@ use ring::signature::Ed25519KeyPair;
 
 use super::mask::{apply_mask, pack, quantize};
 use super::shamir::{self, Secret};
+use super::wire::Confirmation;
 use super::wire::{self, MaskedInput, Reveal, RevealKind, Reveals, ShareItem, SignedKey};
-use super::{PairKeys, RoundSetup, SecAggError, Stage, commit, derive_pair, same};
+use super::{
+    PairKeys, RoundSetup, SecAggError, Stage, commit, derive_pair, parse_pair_part, same, wipe,
+};
 
 /// What a device holds of one neighbour's secrets after stage 2.
 struct Held {
@@ -20,8 +23,15 @@ struct Held {
     pair_part: Vec<u8>,
 }
 
+impl Drop for Held {
+    fn drop(&mut self) {
+        wipe(&mut self.self_share);
+        wipe(&mut self.pair_part);
+    }
+}
+
 /// One device in one round. Call [`advertise`](Self::advertise), [`share`](Self::share),
-/// [`mask`](Self::mask) and [`unmask`](Self::unmask) in order with what the aggregator
+/// [`mask`](Self::mask), [`confirm`](Self::confirm) and [`unmask`](Self::unmask) in order with what the aggregator
 /// relays; each checks every signature and the aggregator's instructions. A call that returns
 /// an error has taken the device out of the round: its secrets are dropped and every later
 /// call fails, so the aggregator treats it as a dropout.
@@ -35,6 +45,13 @@ pub struct Client {
     self_seed: Secret,
     held: BTreeMap<u32, Held>,
     shared: BTreeSet<u32>,
+    survivors: Vec<u32>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        wipe(&mut self.self_seed);
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -63,6 +80,7 @@ impl Client {
             self_seed: [0; 32],
             held: BTreeMap::new(),
             shared: BTreeSet::new(),
+            survivors: Vec::new(),
         })
     }
 
@@ -107,7 +125,7 @@ impl Client {
                 self.ephemeral.clear();
                 self.pairs.clear();
                 self.held.clear();
-                self.self_seed.fill(0);
+                wipe(&mut self.self_seed);
                 Err(e)
             }
         }
@@ -213,6 +231,7 @@ impl Client {
                 .fill(&mut coeff_seed)
                 .map_err(|_| SecAggError::Crypto("rng"))?;
             let mut coeff_rng = ChaCha20Rng::from_seed(coeff_seed);
+            wipe(&mut coeff_seed);
             let mut coefficients = |buf: &mut [u8]| {
                 coeff_rng.fill_bytes(buf);
                 Ok(())
@@ -279,7 +298,7 @@ impl Client {
         items: &[ShareItem],
         update: &[f32],
     ) -> Result<MaskedInput, SecAggError> {
-        self.guarded(Stage::MaskedInput, signer, Some(Stage::Unmask), |c| {
+        self.guarded(Stage::MaskedInput, signer, Some(Stage::Consistency), |c| {
             let stage = Stage::MaskedInput;
             let round = *c.setup.hash();
             let params = c.setup.params().clone();
@@ -352,6 +371,27 @@ impl Client {
                 if !(ok_self && ok_pair) {
                     return Err(blame("its shares do not match its commitments"));
                 }
+                // The pairwise shares must cover every neighbour of the owner that shared, and
+                // only its neighbours, or the aggregator could not unmask if the owner dropped.
+                let owner_neighbours = c.setup.neighbours(item.from);
+                let ids: Vec<u32> = parse_pair_part(&pair_part)
+                    .ok_or_else(|| blame("its pairwise shares do not parse"))?
+                    .into_iter()
+                    .map(|(v, _)| v)
+                    .collect();
+                let covers = shared
+                    .iter()
+                    .filter(|v| owner_neighbours.binary_search(v).is_ok())
+                    .all(|v| ids.binary_search(v).is_ok());
+                if !covers
+                    || ids
+                        .iter()
+                        .any(|v| owner_neighbours.binary_search(v).is_err())
+                {
+                    return Err(blame(
+                        "its pairwise shares are not one per neighbour that shared",
+                    ));
+                }
                 held.insert(
                     item.from,
                     Held {
@@ -372,7 +412,7 @@ impl Client {
             for &v in &mine {
                 apply_mask(&mut acc, &c.pairs[&v].mask_seed, c.me < v, params.mod_bits);
             }
-            c.self_seed.fill(0);
+            wipe(&mut c.self_seed);
             c.pairs.clear();
             c.held = held;
             c.shared = mine;
@@ -387,19 +427,19 @@ impl Client {
     }
 
     /// Stage 4: given the devices whose masked inputs the aggregator holds (`survivors`, U3),
-    /// reveal for each neighbour that shared either its self-mask share (it survived) or its
-    /// pairwise shares (it dropped), never both. Callable once.
+    /// this device's signature over that list, for the other devices to check that they were
+    /// all told the same.
     ///
     /// # Errors
     /// [`SecAggError::AggregatorMisbehaved`] for a survivor list that contradicts U2 or leaves
     /// this device out; [`SecAggError::BelowThreshold`] when fewer than `t` neighbours survived.
-    pub fn unmask(
+    pub fn confirm(
         &mut self,
         signer: &Ed25519KeyPair,
         survivors: &[u32],
-    ) -> Result<Reveals, SecAggError> {
-        self.guarded(Stage::Unmask, signer, None, |c| {
-            let stage = Stage::Unmask;
+    ) -> Result<Confirmation, SecAggError> {
+        self.guarded(Stage::Consistency, signer, Some(Stage::Unmask), |c| {
+            let stage = Stage::Consistency;
             let survivors: BTreeSet<u32> = survivors.iter().copied().collect();
             if !survivors.contains(&c.me) {
                 return Err(SecAggError::AggregatorMisbehaved {
@@ -426,10 +466,60 @@ impl Client {
                     needed: threshold,
                 });
             }
+            c.survivors = survivors.into_iter().collect();
+            let body = Confirmation::body(c.setup.hash(), &c.survivors);
+            Ok(Confirmation {
+                from: c.me,
+                signature: wire::sign(signer, &body),
+            })
+        })
+    }
+
+    /// Stage 5: once a quorum ([`RoundSetup::quorum`]) of survivors has signed the survivor
+    /// list this device signed, reveal for each neighbour that shared either its self-mask share
+    /// (it survived) or its pairwise shares (it dropped), never both. Callable once.
+    ///
+    /// # Errors
+    /// [`SecAggError::BadSignature`] for a confirmation that does not verify over this
+    /// device's list (the aggregator told devices different lists, or it was altered);
+    /// [`SecAggError::AggregatorMisbehaved`] for confirmations from non-survivors or repeated;
+    /// [`SecAggError::BelowThreshold`] below the quorum.
+    pub fn unmask(
+        &mut self,
+        signer: &Ed25519KeyPair,
+        confirmations: &[Confirmation],
+    ) -> Result<Reveals, SecAggError> {
+        self.guarded(Stage::Unmask, signer, None, |c| {
+            let stage = Stage::Consistency;
+            let body = Confirmation::body(c.setup.hash(), &c.survivors);
+            let mut seen = BTreeSet::new();
+            for conf in confirmations {
+                if c.survivors.binary_search(&conf.from).is_err() || !seen.insert(conf.from) {
+                    return Err(SecAggError::AggregatorMisbehaved {
+                        stage,
+                        reason: format!("relayed an unexpected confirmation from {}", conf.from),
+                    });
+                }
+                wire::verify(
+                    c.setup.key(conf.from)?,
+                    &body,
+                    &conf.signature,
+                    stage,
+                    conf.from,
+                )?;
+            }
+            let quorum = c.setup.quorum();
+            if seen.len() < quorum {
+                return Err(SecAggError::BelowThreshold {
+                    stage,
+                    survivors: seen.len(),
+                    needed: quorum,
+                });
+            }
             let reveals: Vec<Reveal> = std::mem::take(&mut c.held)
                 .into_iter()
                 .map(|(owner, held)| {
-                    if survivors.contains(&owner) {
+                    if c.survivors.binary_search(&owner).is_ok() {
                         Reveal {
                             owner,
                             kind: RevealKind::SelfMask,
@@ -439,7 +529,7 @@ impl Client {
                         Reveal {
                             owner,
                             kind: RevealKind::PairMasks,
-                            bytes: held.pair_part,
+                            bytes: held.pair_part.clone(),
                         }
                     }
                 })

@@ -97,10 +97,16 @@ pub(crate) fn pack(values: &[u32], bits: u32) -> Vec<u8> {
 /// Unpacks `len` values of `bits` bits (a [`MaskedInput`](super::MaskedInput)'s data).
 ///
 /// # Errors
-/// [`SecAggError::Malformed`] unless `bytes` is exactly `ceil(len · bits / 8)` long with zero
-/// padding bits.
+/// [`SecAggError::Malformed`] unless `bits` is in `1..=32` and `bytes` is exactly
+/// `ceil(len · bits / 8)` long with zero padding bits.
 pub fn unpack(bytes: &[u8], len: usize, bits: u32) -> Result<Vec<u32>, SecAggError> {
-    let expected = (len * bits as usize).div_ceil(8);
+    let expected = len
+        .checked_mul(bits as usize)
+        .filter(|_| (1..=32).contains(&bits))
+        .ok_or_else(|| SecAggError::Malformed {
+            reason: format!("cannot unpack {len} values of {bits} bits"),
+        })?
+        .div_ceil(8);
     if bytes.len() != expected {
         return Err(SecAggError::Malformed {
             reason: format!(

@@ -21,23 +21,28 @@
 //! 3. **Masked input**: the device clips its update to `[−c, c]`, quantises it to `q` bits and
 //!    sends `x + PRG(b_u) + Σ_{v>u} PRG(s_uv) − Σ_{v<u} PRG(s_uv) mod 2^m`, where the PRG is
 //!    ChaCha20 keyed by the seed and the sums run over neighbours that shared in stage 2.
-//! 4. **Unmask**: for each neighbour, a device reveals the self-mask share if the neighbour
-//!    sent its masked input, the pairwise shares if it did not: never both. The aggregator
-//!    checks every revealed share against its commitment, rebuilds the seeds from `t` shares,
-//!    removes the masks and dequantises the sum.
+//! 4. **Consistency check**: each device signs the list of devices whose masked inputs the
+//!    aggregator says it holds (U3); the aggregator relays the signatures.
+//! 5. **Unmask**: once a quorum (more than half the roster, and at least `t`) has signed the very
+//!    list it was given, a device reveals, for each neighbour, the self-mask share if the
+//!    neighbour is in U3, the pairwise shares if it is not: never both. The aggregator checks
+//!    every revealed share against its commitment, rebuilds the seeds (checking a second
+//!    `t`-subset where it has more than `t` shares), removes the masks and dequantises the sum.
 //!
 //! Pairwise masks cancel in the sum; self-masks stop a late masked input from revealing the
-//! update once the pairwise seeds of its sender have been reconstructed. With `t > k/2` no
-//! neighbourhood can be made to reveal both kinds of share for the same device.
+//! update once the pairwise seeds of its sender have been reconstructed. The consistency check
+//! stops the aggregator from telling different devices different U3s, and with one U3 and
+//! `t > k/2` no device's self-mask and pairwise seeds can both be rebuilt.
 //!
 //! # What a malicious aggregator can and cannot do
 //! It cannot forge, alter or replay any device message (all are signed with the round hash),
 //! read shares (encrypted between devices), or learn a single update from one masked vector
 //! (uniform over Z_(2^m)). It can drop devices, refuse to finish, or, with `t − 1` or more
 //! colluding devices in a neighbourhood, learn what those devices' shares allow. It chooses the
-//! roster, so a roster of devices it controls defeats any threshold: devices should check the
-//! roster against the operator's registry. A device that masks wrongly corrupts the sum
-//! without being detected; a device that shares or reveals wrongly is detected and named.
+//! roster (and so the neighbour graph), so a roster of devices it controls defeats any
+//! threshold: devices should check the roster against the operator's registry. A device that
+//! masks wrongly corrupts the sum without being detected; shares that do not match their
+//! commitments, or (where more than `t` are revealed) do not lie on one polynomial, are named.
 
 mod client;
 mod mask;
@@ -51,7 +56,7 @@ use thiserror::Error;
 pub use client::Client;
 pub use mask::{dequantize_sum, quantize, unpack};
 pub use server::{Aggregate, Fault, Server};
-pub use wire::{MaskedInput, Reveal, RevealKind, Reveals, ShareItem, SignedKey};
+pub use wire::{Confirmation, MaskedInput, Reveal, RevealKind, Reveals, ShareItem, SignedKey};
 
 /// A protocol stage, for errors and faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +64,7 @@ pub enum Stage {
     AdvertiseKeys,
     ShareKeys,
     MaskedInput,
+    Consistency,
     Unmask,
 }
 
@@ -68,6 +74,7 @@ impl std::fmt::Display for Stage {
             Stage::AdvertiseKeys => "advertise-keys",
             Stage::ShareKeys => "share-keys",
             Stage::MaskedInput => "masked-input",
+            Stage::Consistency => "consistency-check",
             Stage::Unmask => "unmask",
         })
     }
@@ -309,6 +316,12 @@ impl RoundSetup {
             .map_or(&[], |v| v.as_slice())
     }
 
+    /// Consistency-check signatures a device needs before it unmasks: more than half the
+    /// roster, and at least `t`.
+    pub fn quorum(&self) -> usize {
+        (self.roster.len() / 2 + 1).max(self.params.threshold)
+    }
+
     /// The index of a device key in the roster.
     pub fn index_of(&self, key: &[u8; 32]) -> Option<u32> {
         self.roster.iter().position(|k| k == key).map(|i| i as u32)
@@ -371,6 +384,13 @@ pub(crate) struct PairKeys {
     pub(crate) share_key: [u8; 32],
 }
 
+impl Drop for PairKeys {
+    fn drop(&mut self) {
+        wipe(&mut self.mask_seed);
+        wipe(&mut self.share_key);
+    }
+}
+
 struct Len(usize);
 
 impl hkdf::KeyType for Len {
@@ -401,7 +421,7 @@ pub(crate) fn derive_pair(
     };
     keys.mask_seed.copy_from_slice(&out[..32]);
     keys.share_key.copy_from_slice(&out[32..]);
-    out.fill(0);
+    wipe(&mut out);
     Ok(keys)
 }
 
@@ -424,6 +444,33 @@ pub(crate) fn commit(
     let mut out = [0u8; 32];
     out.copy_from_slice(h.finish().as_ref());
     out
+}
+
+/// Parses an owner's pairwise shares for one holder: `count ‖ (neighbour, share)*`, one share
+/// per neighbour in increasing order, as an honest owner writes them.
+pub(crate) fn parse_pair_part(bytes: &[u8]) -> Option<Vec<(u32, [u8; 32])>> {
+    let (count, rest) = bytes.split_first_chunk::<4>()?;
+    let count = u32::from_le_bytes(*count) as usize;
+    if rest.len() != count.checked_mul(36)? {
+        return None;
+    }
+    let parsed: Vec<(u32, [u8; 32])> = rest
+        .chunks_exact(36)
+        .map(|c| {
+            let mut v = [0u8; 4];
+            v.copy_from_slice(&c[..4]);
+            let mut s = [0u8; 32];
+            s.copy_from_slice(&c[4..]);
+            (u32::from_le_bytes(v), s)
+        })
+        .collect();
+    parsed.windows(2).all(|w| w[0].0 < w[1].0).then_some(parsed)
+}
+
+/// Overwrites a secret with zeros (best effort: the write is kept by `black_box`).
+pub(crate) fn wipe(secret: &mut [u8]) {
+    secret.fill(0);
+    std::hint::black_box(secret);
 }
 
 /// Constant-time equality for commitments.

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use super::mask::{apply_mask, dequantize_sum, unpack};
 use super::shamir::{self, Secret};
-use super::wire::{MaskedInput, Reveal, RevealKind, Reveals, ShareItem, SignedKey};
-use super::{RoundSetup, SecAggError, Stage, commit, same, wire};
+use super::wire::{Confirmation, MaskedInput, Reveal, RevealKind, Reveals, ShareItem, SignedKey};
+use super::{RoundSetup, SecAggError, Stage, commit, parse_pair_part, same, wire};
 
 /// A message the aggregator rejected, with whom it blames: `device` is the sender when the
 /// message was validly signed (the device broke the protocol), `None` when the signature
@@ -27,10 +27,12 @@ pub struct Aggregate {
     pub quantized: Vec<u32>,
     /// The devices whose updates are in the sum.
     pub survivors: Vec<u32>,
-    /// The devices that dropped at each stage, in stage order.
-    pub dropped: [Vec<u32>; 4],
-    /// Every message rejected during the round.
+    /// The devices that dropped at each of the five stages, in stage order.
+    pub dropped: [Vec<u32>; 5],
+    /// The messages rejected during the round (the first 256).
     pub faults: Vec<Fault>,
+    /// Rejected messages beyond the first 256, counted only.
+    pub faults_dropped: usize,
 }
 
 /// The aggregator in one round. Feed it the devices' messages with the `receive_*` methods
@@ -48,9 +50,14 @@ pub struct Server {
     commits: HashMap<(u32, u32), ([u8; 32], [u8; 32])>,
     sum: Vec<u32>,
     u3: BTreeSet<u32>,
+    confirmations: BTreeMap<u32, Confirmation>,
     reveals: BTreeMap<u32, Vec<Reveal>>,
     faults: Vec<Fault>,
+    faults_dropped: usize,
 }
+
+/// Faults kept in full; later ones are only counted.
+const MAX_FAULTS: usize = 256;
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,8 +82,10 @@ impl Server {
             commits: HashMap::new(),
             sum: vec![0; len],
             u3: BTreeSet::new(),
+            confirmations: BTreeMap::new(),
             reveals: BTreeMap::new(),
             faults: Vec::new(),
+            faults_dropped: 0,
         }
     }
 
@@ -103,20 +112,23 @@ impl Server {
         Ok(())
     }
 
-    /// Records the fault a rejected message caused.
+    /// Records the fault a rejected message caused. Only a validly signed message that breaks
+    /// the protocol blames its sender: a forged, replayed, late or repeated message may be
+    /// anyone's doing.
     fn reject<T>(&mut self, stage: Stage, error: SecAggError) -> Result<T, SecAggError> {
         let device = match &error {
             SecAggError::Misbehaved { device, .. } => Some(*device),
-            SecAggError::Duplicate { device, .. } | SecAggError::NotExpected { device, .. } => {
-                Some(*device)
-            }
             _ => None,
         };
-        self.faults.push(Fault {
-            stage,
-            device,
-            error: error.clone(),
-        });
+        if self.faults.len() < MAX_FAULTS {
+            self.faults.push(Fault {
+                stage,
+                device,
+                error: error.clone(),
+            });
+        } else {
+            self.faults_dropped += 1;
+        }
         Err(error)
     }
 
@@ -137,14 +149,8 @@ impl Server {
         Ok(())
     }
 
-    /// The sender of a batch, which must be one device, expected in the stage, not yet heard.
-    fn sender(
-        &self,
-        stage: Stage,
-        froms: impl Iterator<Item = u32>,
-        expected: &dyn Fn(u32) -> bool,
-        heard: &dyn Fn(u32) -> bool,
-    ) -> Result<u32, SecAggError> {
+    /// The one device a batch claims to come from, with its key.
+    fn sender(&self, stage: Stage, froms: impl Iterator<Item = u32>) -> Result<u32, SecAggError> {
         let froms: BTreeSet<u32> = froms.collect();
         let mut it = froms.iter();
         let (Some(&from), None) = (it.next(), it.next()) else {
@@ -153,19 +159,24 @@ impl Server {
             });
         };
         self.setup.key(from)?;
-        if !expected(from) {
+        Ok(from)
+    }
+
+    /// After the signature: the sender must be expected in the stage and not yet heard.
+    fn admit(stage: Stage, from: u32, expected: bool, heard: bool) -> Result<(), SecAggError> {
+        if !expected {
             return Err(SecAggError::NotExpected {
                 stage,
                 device: from,
             });
         }
-        if heard(from) {
+        if heard {
             return Err(SecAggError::Duplicate {
                 stage,
                 device: from,
             });
         }
-        Ok(from)
+        Ok(())
     }
 
     /// Stage 1: a device's keys, one per neighbour, each signed.
@@ -187,9 +198,7 @@ impl Server {
 
     fn check_keys(&self, keys: &[SignedKey]) -> Result<u32, SecAggError> {
         let stage = Stage::AdvertiseKeys;
-        let from = self.sender(stage, keys.iter().map(|k| k.from), &|_| true, &|f| {
-            self.keys.contains_key(&f)
-        })?;
+        let from = self.sender(stage, keys.iter().map(|k| k.from))?;
         let round = self.setup.hash();
         for k in keys {
             wire::verify(
@@ -200,6 +209,7 @@ impl Server {
                 from,
             )?;
         }
+        Self::admit(stage, from, true, self.keys.contains_key(&from))?;
         let to: Vec<u32> = keys.iter().map(|k| k.to).collect();
         if to != self.setup.neighbours(from) {
             return Err(SecAggError::Misbehaved {
@@ -255,12 +265,7 @@ impl Server {
 
     fn check_shares(&self, items: &[ShareItem]) -> Result<u32, SecAggError> {
         let stage = Stage::ShareKeys;
-        let from = self.sender(
-            stage,
-            items.iter().map(|i| i.from),
-            &|f| self.u1.contains(&f),
-            &|f| self.items.contains_key(&f),
-        )?;
+        let from = self.sender(stage, items.iter().map(|i| i.from))?;
         let round = self.setup.hash();
         for i in items {
             wire::verify(
@@ -271,6 +276,12 @@ impl Server {
                 from,
             )?;
         }
+        Self::admit(
+            stage,
+            from,
+            self.u1.contains(&from),
+            self.items.contains_key(&from),
+        )?;
         let to: Vec<u32> = items.iter().map(|i| i.to).collect();
         let want: Vec<u32> = self
             .setup
@@ -319,18 +330,19 @@ impl Server {
         let stage = Stage::MaskedInput;
         self.check_stage(stage)?;
         let checked = (|| {
-            let from = self.sender(
-                stage,
-                std::iter::once(input.from),
-                &|f| self.u2.contains(&f),
-                &|f| self.u3.contains(&f),
-            )?;
+            let from = self.sender(stage, std::iter::once(input.from))?;
             wire::verify(
                 self.setup.key(from)?,
                 &input.signed_body(self.setup.hash()),
                 &input.signature,
                 stage,
                 from,
+            )?;
+            Self::admit(
+                stage,
+                from,
+                self.u2.contains(&from),
+                self.u3.contains(&from),
             )?;
             let p = self.setup.params();
             unpack(&input.data, p.len, p.mod_bits).map_err(|e| SecAggError::Misbehaved {
@@ -381,8 +393,56 @@ impl Server {
                 });
             }
         }
-        self.stage = Stage::Unmask;
+        self.stage = Stage::Consistency;
         Ok(self.u3.iter().copied().collect())
+    }
+
+    /// Stage 4: a survivor's signature over the survivor list (U3).
+    ///
+    /// # Errors
+    /// [`SecAggError::BadSignature`] (also when the device signed another list),
+    /// [`SecAggError::NotExpected`], [`SecAggError::Duplicate`], [`SecAggError::WrongStage`].
+    pub fn receive_confirmation(&mut self, c: Confirmation) -> Result<(), SecAggError> {
+        let stage = Stage::Consistency;
+        self.check_stage(stage)?;
+        let checked = (|| {
+            let from = self.sender(stage, std::iter::once(c.from))?;
+            let survivors: Vec<u32> = self.u3.iter().copied().collect();
+            let body = Confirmation::body(self.setup.hash(), &survivors);
+            wire::verify(self.setup.key(from)?, &body, &c.signature, stage, from)?;
+            Self::admit(
+                stage,
+                from,
+                self.u3.contains(&from),
+                self.confirmations.contains_key(&from),
+            )
+        })();
+        match checked {
+            Ok(()) => {
+                self.confirmations.insert(c.from, c);
+                Ok(())
+            }
+            Err(e) => self.reject(stage, e),
+        }
+    }
+
+    /// Ends stage 4: the confirmations to relay to every survivor.
+    ///
+    /// # Errors
+    /// [`SecAggError::BelowThreshold`] below [`RoundSetup::quorum`]: the round has failed.
+    pub fn close_confirmations(&mut self) -> Result<Vec<Confirmation>, SecAggError> {
+        let stage = Stage::Consistency;
+        self.check_stage(stage)?;
+        let quorum = self.setup.quorum();
+        if self.confirmations.len() < quorum {
+            return self.fail(SecAggError::BelowThreshold {
+                stage,
+                survivors: self.confirmations.len(),
+                needed: quorum,
+            });
+        }
+        self.stage = Stage::Unmask;
+        Ok(self.confirmations.values().cloned().collect())
     }
 
     /// The survivors that hold shares of `owner`'s secrets.
@@ -394,7 +454,8 @@ impl Server {
             .filter(move |w| self.u3.contains(w) && self.commits.contains_key(&(owner, *w)))
     }
 
-    /// Stage 4: a survivor's revealed shares, each checked against its owner's commitment.
+    /// Stage 5: a confirmed survivor's revealed shares, each checked against its owner's
+    /// commitment.
     ///
     /// # Errors
     /// As [`receive_keys`](Self::receive_keys); [`SecAggError::Misbehaved`] names a device that
@@ -413,12 +474,7 @@ impl Server {
 
     fn check_reveals(&self, msg: &Reveals) -> Result<(), SecAggError> {
         let stage = Stage::Unmask;
-        let from = self.sender(
-            stage,
-            std::iter::once(msg.from),
-            &|f| self.u3.contains(&f),
-            &|f| self.reveals.contains_key(&f),
-        )?;
+        let from = self.sender(stage, std::iter::once(msg.from))?;
         let round = self.setup.hash();
         wire::verify(
             self.setup.key(from)?,
@@ -426,6 +482,12 @@ impl Server {
             &msg.signature,
             stage,
             from,
+        )?;
+        Self::admit(
+            stage,
+            from,
+            self.confirmations.contains_key(&from),
+            self.reveals.contains_key(&from),
         )?;
         let blame = |reason: String| SecAggError::Misbehaved {
             stage,
@@ -453,6 +515,13 @@ impl Server {
             } else {
                 (RevealKind::PairMasks, commit_pair)
             };
+            if kind == RevealKind::SelfMask && r.bytes.len() != 32 {
+                return Err(blame(format!(
+                    "revealed a self-mask share of {} bytes for {}",
+                    r.bytes.len(),
+                    r.owner
+                )));
+            }
             if r.kind != kind {
                 return Err(blame(format!(
                     "revealed the wrong kind of share for {}",
@@ -479,6 +548,20 @@ impl Server {
         let stage = Stage::Unmask;
         self.check_stage(stage)?;
         self.at_least(stage, self.reveals.len())?;
+        match self.unmask_sum() {
+            Ok(agg) => {
+                self.failed = Some(SecAggError::WrongStage {
+                    stage,
+                    at: Stage::Unmask,
+                });
+                Ok(agg)
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn unmask_sum(&mut self) -> Result<Aggregate, SecAggError> {
+        let stage = Stage::Unmask;
         let params = self.setup.params().clone();
         let threshold = params.threshold;
         let mut sum = std::mem::take(&mut self.sum);
@@ -516,10 +599,9 @@ impl Server {
             };
             if survived {
                 if self_shares.len() < threshold {
-                    self.sum = sum;
-                    return self.fail(short("self-mask", self_shares.len()));
+                    return Err(short("self-mask", self_shares.len()));
                 }
-                let seed = shamir::combine(&self_shares[..threshold])?;
+                let seed = rebuild(&self_shares, threshold, owner)?;
                 apply_mask(&mut sum, &seed, false, params.mod_bits);
             } else {
                 for &v in self.setup.neighbours(owner) {
@@ -528,10 +610,9 @@ impl Server {
                     }
                     let shares = pair_shares.get(&v).map_or(&[][..], |s| s.as_slice());
                     if shares.len() < threshold {
-                        self.sum = sum;
-                        return self.fail(short("pairwise masks", shares.len()));
+                        return Err(short("pairwise masks", shares.len()));
                     }
-                    let seed = shamir::combine(&shares[..threshold])?;
+                    let seed = rebuild(shares, threshold, owner)?;
                     // v added +PRG(s) if v < owner, −PRG(s) otherwise: undo it.
                     apply_mask(&mut sum, &seed, v > owner, params.mod_bits);
                 }
@@ -549,38 +630,71 @@ impl Server {
             self.u3
                 .iter()
                 .copied()
+                .filter(|d| !self.confirmations.contains_key(d))
+                .collect(),
+            self.confirmations
+                .keys()
+                .copied()
                 .filter(|d| !self.reveals.contains_key(d))
                 .collect(),
         ];
-        self.failed = Some(SecAggError::WrongStage {
-            stage,
-            at: Stage::Unmask,
-        });
         Ok(Aggregate {
             sum: dequantize_sum(&sum, survivors.len(), &params),
             quantized: sum,
             survivors,
             dropped,
             faults: self.faults.clone(),
+            faults_dropped: self.faults_dropped,
         })
     }
 }
 
-fn parse_pair_part(bytes: &[u8]) -> Option<Vec<(u32, Secret)>> {
-    let (count, rest) = bytes.split_first_chunk::<4>()?;
-    let count = u32::from_le_bytes(*count) as usize;
-    if rest.len() != count.checked_mul(36)? {
-        return None;
+/// Rebuilds a seed from its first `t` shares and, when there are more, checks that the last `t`
+/// give the same seed: shares that match their commitments but not one polynomial were dealt
+/// wrongly by their owner.
+fn rebuild(shares: &[(u8, Secret)], threshold: usize, owner: u32) -> Result<Secret, SecAggError> {
+    let seed = shamir::combine(&shares[..threshold])?;
+    if shares.len() > threshold {
+        let other = shamir::combine(&shares[shares.len() - threshold..])?;
+        if !same(&seed, &other) {
+            return Err(SecAggError::Misbehaved {
+                stage: Stage::ShareKeys,
+                device: owner,
+                reason: "its shares do not lie on one polynomial".into(),
+            });
+        }
     }
-    Some(
-        rest.chunks_exact(36)
-            .map(|c| {
-                let mut v = [0u8; 4];
-                v.copy_from_slice(&c[..4]);
-                let mut s = [0u8; 32];
-                s.copy_from_slice(&c[4..]);
-                (u32::from_le_bytes(v), s)
-            })
-            .collect(),
-    )
+    Ok(seed)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_off_one_polynomial_name_their_owner() {
+        let secret = [5u8; 32];
+        let mut n = 0u8;
+        let mut rng = |b: &mut [u8]| {
+            b.iter_mut().for_each(|x| {
+                n = n.wrapping_add(37);
+                *x = n;
+            });
+            Ok(())
+        };
+        let xs: Vec<u8> = (1..=6).collect();
+        let mut shares: Vec<(u8, Secret)> = xs
+            .iter()
+            .copied()
+            .zip(shamir::split(&secret, 3, &xs, &mut rng).unwrap())
+            .collect();
+        assert_eq!(rebuild(&shares, 3, 9).unwrap(), secret);
+        assert_eq!(rebuild(&shares[..3], 3, 9).unwrap(), secret);
+        shares[5].1[0] ^= 1;
+        assert!(matches!(
+            rebuild(&shares, 3, 9),
+            Err(SecAggError::Misbehaved { device: 9, .. })
+        ));
+    }
 }

@@ -62,12 +62,54 @@ pub struct Reveal {
     pub bytes: Vec<u8>,
 }
 
-/// Stage 4: the shares a device reveals so the aggregator can remove the masks.
+/// Stage 5: the shares a device reveals so the aggregator can remove the masks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reveals {
     pub from: u32,
     pub reveals: Vec<Reveal>,
     pub signature: [u8; 64],
+}
+
+/// Stage 4: a device's signature over the survivor list (U3) it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmation {
+    pub from: u32,
+    pub signature: [u8; 64],
+}
+
+impl Confirmation {
+    pub(crate) fn body(round: &[u8; 32], survivors: &[u32]) -> Vec<u8> {
+        let mut b = header(5, round);
+        b.extend_from_slice(&encode_ids(survivors));
+        b
+    }
+}
+
+/// Encodes consistency-check signatures (a device's, or the set the aggregator relays).
+pub fn encode_confirmations(c: &[Confirmation]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + c.len() * 68);
+    b.extend_from_slice(&(c.len() as u32).to_le_bytes());
+    for x in c {
+        b.extend_from_slice(&x.from.to_le_bytes());
+        b.extend_from_slice(&x.signature);
+    }
+    b
+}
+
+/// # Errors
+/// [`SecAggError::Malformed`] on truncated, oversized or trailing input.
+pub fn decode_confirmations(bytes: &[u8]) -> Result<Vec<Confirmation>, SecAggError> {
+    let mut r = Reader { bytes };
+    let n = r.count(68)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(Confirmation {
+            from: r.u32()?,
+            signature: r.array()?,
+        });
+    }
+    r.end()?;
+    Ok(out)
 }
 
 pub(crate) fn sign(signer: &Ed25519KeyPair, body: &[u8]) -> [u8; 64] {
