@@ -31,10 +31,10 @@ impl Drop for Held {
 }
 
 /// One device in one round. Call [`advertise`](Self::advertise), [`share`](Self::share),
-/// [`mask`](Self::mask), [`confirm`](Self::confirm) and [`unmask`](Self::unmask) in order with what the aggregator
-/// relays; each checks every signature and the aggregator's instructions. A call that returns
-/// an error has taken the device out of the round: its secrets are dropped and every later
-/// call fails, so the aggregator treats it as a dropout.
+/// [`mask`](Self::mask), [`confirm`](Self::confirm) and [`unmask`](Self::unmask) in order with
+/// what the aggregator relays; each checks every signature and the aggregator's instructions. A
+/// call that returns an error has taken the device out of the round: its secrets are dropped
+/// and every later call fails, so the aggregator treats it as a dropout.
 pub struct Client {
     setup: Arc<RoundSetup>,
     me: u32,

@@ -44,6 +44,58 @@
 //! masks wrongly corrupts the sum without being detected; shares that do not match their
 //! commitments, or (where more than `t` are revealed) do not lie on one polynomial, are named.
 
+//!
+//! # Example
+//! Four devices, one of which drops after sharing its keys:
+//! ```
+//! use std::sync::Arc;
+//! use fedge_fl::secagg::{Client, Params, RoundSetup, Server};
+//! use ring::signature::{Ed25519KeyPair, KeyPair};
+//!
+//! let signers: Vec<_> = (0u8..4)
+//!     .map(|i| Ed25519KeyPair::from_seed_unchecked(&[i; 32]).unwrap())
+//!     .collect();
+//! let roster: Vec<[u8; 32]> = signers
+//!     .iter()
+//!     .map(|s| s.public_key().as_ref().try_into().unwrap())
+//!     .collect();
+//! let params = Params::new(4, 3, 1.0)?; // 4 devices, 3 values in [-1, 1]
+//! let setup = Arc::new(RoundSetup::new("job", 1, roster.clone(), params)?);
+//! let mut devices = roster
+//!     .iter()
+//!     .map(|k| Client::new(setup.clone(), k))
+//!     .collect::<Result<Vec<_>, _>>()?;
+//! let mut server = Server::new(setup);
+//! let updates = [[0.5, -0.25, 1.0], [0.25, 0.25, 0.0], [-1.0, 0.5, 0.5], [0.125, 0.0, -0.5]];
+//!
+//! for (d, s) in devices.iter_mut().zip(&signers) {
+//!     server.receive_keys(d.advertise(s)?)?;
+//! }
+//! server.close_keys()?;
+//! for (i, (d, s)) in devices.iter_mut().zip(&signers).enumerate() {
+//!     server.receive_shares(d.share(s, &server.keys_for(i as u32))?)?;
+//! }
+//! let shared = server.close_shares()?;
+//! for (i, (d, s)) in devices.iter_mut().zip(&signers).enumerate().take(3) {
+//!     server.receive_masked(d.mask(s, &shared, &server.shares_for(i as u32), &updates[i])?)?;
+//! }
+//! let survivors = server.close_masked()?; // device 3 dropped
+//! for &i in &survivors {
+//!     let i = i as usize;
+//!     server.receive_confirmation(devices[i].confirm(&signers[i], &survivors)?)?;
+//! }
+//! let confirmations = server.close_confirmations()?;
+//! for &i in &survivors {
+//!     let i = i as usize;
+//!     server.receive_reveals(devices[i].unmask(&signers[i], &confirmations)?)?;
+//! }
+//! let sum = server.finish()?.sum;
+//! for (j, expected) in [-0.25f32, 0.5, 1.5].iter().enumerate() {
+//!     assert!((sum[j] - expected).abs() < 1e-4); // 16-bit quantisation
+//! }
+//! # Ok::<(), fedge_fl::secagg::SecAggError>(())
+//! ```
+
 mod client;
 mod mask;
 mod server;
