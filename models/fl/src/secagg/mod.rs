@@ -191,6 +191,9 @@ pub enum SecAggError {
     Crypto(&'static str),
 }
 
+/// The most values an update may have (2²⁸: a 1 GiB sum on the aggregator).
+pub const MAX_LEN: usize = 1 << 28;
+
 /// The numbers a round runs with; the same on every device and the aggregator.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Params {
@@ -240,8 +243,11 @@ impl Params {
         if devices < 3 || devices > u32::MAX as usize {
             return bad(format!("{devices} devices: at least 3 needed"));
         }
-        if self.len == 0 || self.len > u32::MAX as usize {
-            return bad(format!("update length {} out of range", self.len));
+        if self.len == 0 || self.len > MAX_LEN {
+            return bad(format!(
+                "update length {} out of range 1..={MAX_LEN}",
+                self.len
+            ));
         }
         let full = devices - 1;
         if self.neighbours < 2
