@@ -38,6 +38,8 @@ enum Command {
     Rollout(cmd::rollout::Args),
     /// Differential privacy: `dp epsilon` plans a job's (ε, δ) budget.
     Dp(cmd::dp::Args),
+    /// Secure aggregation: `secagg plan` picks SecAgg+ parameters and prices them in bytes.
+    Secagg(cmd::secagg::Args),
     /// Run federated learning end to end on this machine: aggregator, broker and N devices.
     Demo(cmd::demo::Args),
 }
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
         Command::Job(a) => cmd::job::run(a),
         Command::Rounds(a) => cmd::job::rounds(a),
         Command::Dp(a) => cmd::dp::run(a),
+        Command::Secagg(a) => cmd::secagg::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -217,7 +217,8 @@ impl Params {
     /// (all devices when that is more) and `t = ⌊k/2⌋ + 1`. A device's masks can be rebuilt
     /// while at most `k − t` of its neighbours have dropped: for 50 devices `k = 40`, `t = 21`,
     /// so any 19 devices may drop; for 1000 devices `k = 70`, `t = 36`, and with 30 % dropping
-    /// at random some neighbourhood falls short with probability about 0.2: raise `k` there.
+    /// at random some neighbourhood may fall short with probability up to 0.36: use
+    /// [`for_dropout`](Self::for_dropout) there.
     ///
     /// # Errors
     /// [`SecAggError::InvalidParams`] for fewer than 3 devices, no values or a bad `clip`.
@@ -234,6 +235,80 @@ impl Params {
         };
         params.validate(devices)?;
         Ok(params)
+    }
+
+    /// Like [`new`](Self::new), but with the smallest even `k` (and `t = ⌊k/2⌋ + 1`) for which
+    /// [`failure_probability`](Self::failure_probability) is at most `failure` when each device
+    /// drops out of the round with probability `dropout`; the complete graph when none is.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new); [`SecAggError::InvalidParams`] for `dropout` outside `[0, 1)` or
+    /// `failure` outside `(0, 1)`.
+    pub fn for_dropout(
+        devices: usize,
+        len: usize,
+        clip: f32,
+        dropout: f64,
+        failure: f64,
+    ) -> Result<Self, SecAggError> {
+        if !(0.0..1.0).contains(&dropout) || !(failure > 0.0 && failure < 1.0) {
+            return Err(SecAggError::InvalidParams {
+                reason: format!("dropout {dropout} must be in [0, 1), failure {failure} in (0, 1)"),
+            });
+        }
+        let mut params = Self::new(devices, len, clip)?;
+        let full = devices - 1;
+        let mut k = 2;
+        loop {
+            let k_here = if k >= full { full } else { k };
+            params.neighbours = k_here;
+            params.threshold = k_here / 2 + 1;
+            if k_here == full
+                || k_here >= 254
+                || params.failure_probability(devices, dropout) <= failure
+            {
+                break;
+            }
+            k += 2;
+        }
+        params.neighbours = params.neighbours.min(254);
+        params.threshold = params.neighbours / 2 + 1;
+        params.validate(devices)?;
+        Ok(params)
+    }
+
+    /// An upper bound (union bound over the devices) on the probability that some device keeps
+    /// fewer than `t` of its `k` neighbours, so that the round fails, when each device drops
+    /// independently with probability `dropout` at some point of the round.
+    pub fn failure_probability(&self, devices: usize, dropout: f64) -> f64 {
+        let k = self.neighbours;
+        let (p, q) = (dropout.clamp(0.0, 1.0), 1.0 - dropout.clamp(0.0, 1.0));
+        // P(Binomial(k, q) < t), term by term in logs.
+        let ln_choose = |i: usize| -> f64 {
+            (1..=k).map(|x| (x as f64).ln()).sum::<f64>()
+                - (1..=i).map(|x| (x as f64).ln()).sum::<f64>()
+                - (1..=k - i).map(|x| (x as f64).ln()).sum::<f64>()
+        };
+        let tail: f64 = (0..self.threshold.min(k + 1))
+            .map(|i| {
+                let ln = ln_choose(i) + i as f64 * q.ln() + (k - i) as f64 * p.ln();
+                if ln.is_nan() { 0.0 } else { ln.exp() }
+            })
+            .sum();
+        (tail * devices as f64).min(1.0)
+    }
+
+    /// The bytes a device sends in a round in which nobody drops: its keys, share items,
+    /// masked vector, confirmation and reveals, in the `wire` encodings.
+    pub fn sent_bytes(&self) -> u64 {
+        let k = self.neighbours as u64;
+        let keys = 4 + k * 104;
+        let item = 4 + 4 + 32 + 32 + 4 + (32 + 4 + 36 * k + 16) + 64;
+        let shares = 4 + k * item;
+        let masked = 4 + 4 + (self.len as u64 * u64::from(self.mod_bits)).div_ceil(8) + 64;
+        let confirmation = 4 + 68;
+        let reveals = 4 + 4 + k * (4 + 1 + 4 + 32) + 64;
+        keys + shares + masked + confirmation + reveals
     }
 
     /// # Errors
@@ -615,6 +690,29 @@ mod tests {
         bad.threshold = 21;
         bad.mod_bits = 21;
         assert!(bad.validate(50).is_err());
+    }
+
+    #[test]
+    fn planning_for_dropout_and_bytes() {
+        let p = Params::new(1000, 100_000, 1.0).unwrap();
+        let f = p.failure_probability(1000, 0.3);
+        assert!((0.3..0.4).contains(&f), "{f}"); // 1000 × 3.6e-4
+        assert_eq!(p.sent_bytes(), 525_214); // measured by the bench_secagg example
+        let q = Params::for_dropout(1000, 100_000, 1.0, 0.3, 1e-6).unwrap();
+        assert!(q.failure_probability(1000, 0.3) <= 1e-6);
+        assert!(q.neighbours > p.neighbours && q.neighbours % 2 == 0);
+        let mut smaller = q.clone();
+        smaller.neighbours -= 2;
+        smaller.threshold = smaller.neighbours / 2 + 1;
+        assert!(smaller.failure_probability(1000, 0.3) > 1e-6);
+        // Small fleets get the complete graph.
+        assert_eq!(
+            Params::for_dropout(10, 5, 1.0, 0.3, 1e-9)
+                .unwrap()
+                .neighbours,
+            9
+        );
+        assert!(Params::for_dropout(10, 5, 1.0, 1.0, 1e-9).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod plot;
 pub mod profile;
 pub mod rollout;
 pub mod run;
+pub mod secagg;
 
 use std::path::PathBuf;
 
