@@ -251,7 +251,7 @@ impl Params {
         dropout: f64,
         failure: f64,
     ) -> Result<Self, SecAggError> {
-        if !(0.0..1.0).contains(&dropout) || !(failure > 0.0 && failure < 1.0) {
+        if !((0.0..1.0).contains(&dropout) && failure > 0.0 && failure < 1.0) {
             return Err(SecAggError::InvalidParams {
                 reason: format!("dropout {dropout} must be in [0, 1), failure {failure} in (0, 1)"),
             });
@@ -700,7 +700,7 @@ mod tests {
         assert_eq!(p.sent_bytes(), 525_214); // measured by the bench_secagg example
         let q = Params::for_dropout(1000, 100_000, 1.0, 0.3, 1e-6).unwrap();
         assert!(q.failure_probability(1000, 0.3) <= 1e-6);
-        assert!(q.neighbours > p.neighbours && q.neighbours % 2 == 0);
+        assert!(q.neighbours > p.neighbours && q.neighbours.is_multiple_of(2));
         let mut smaller = q.clone();
         smaller.neighbours -= 2;
         smaller.threshold = smaller.neighbours / 2 + 1;
