@@ -491,3 +491,22 @@ fn adaptive_clipping_rejects_bad_input_without_moving() {
     server.noise_sum(&mut sum, 1, 1, &mut rng).unwrap();
     assert_ne!(server.clip_norm(), 1.0, "a good round moves the norm");
 }
+
+#[test]
+fn noise_multiplier_for_a_target_is_the_smallest_that_meets_it() {
+    use fedge_fl::dp::{epsilon, noise_multiplier_for};
+    // The digits experiment: ε = 8 at δ = 1e-5 over 30 rounds with every device (q = 1).
+    let z = noise_multiplier_for(8.0, 1.0, 30, 1e-5).unwrap();
+    assert!((z - 3.4927).abs() < 1e-3, "{z}");
+    assert!(epsilon(z, 1.0, 30, 1e-5).unwrap() <= 8.0);
+    assert!(epsilon(z * (1.0 - 1e-5), 1.0, 30, 1e-5).unwrap() > 8.0);
+    // Sub-sampling needs less noise for the same ε.
+    assert!(noise_multiplier_for(8.0, 0.01, 30, 1e-5).unwrap() < z);
+    for bad in [0.0, -1.0, f64::NAN, 1e-12] {
+        assert!(matches!(
+            noise_multiplier_for(bad, 1.0, 30, 1e-5),
+            Err(DpError::InvalidEpsilon(_))
+        ));
+    }
+    assert!(noise_multiplier_for(8.0, 1.0, 30, 2.0).is_err());
+}

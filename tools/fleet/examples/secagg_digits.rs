@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedge_fl::dp::{CentralDp, Clipping, NoiseRng, RdpAccountant, SampledGaussian};
+use fedge_fl::dp::{
+    CentralDp, Clipping, NoiseRng, RdpAccountant, SampledGaussian, noise_multiplier_for,
+};
 use fedge_fl::secagg::{Client, Params, RoundSetup, Server, wire};
 use fedge_runtime::train::data::{Dataset, read_csv};
 use fedge_runtime::train::{Head, HeadKind, TrainConfig, train};
@@ -80,23 +82,6 @@ fn epsilon_after(z: f64, rounds: u64, delta: f64) -> Option<f64> {
     let mut acc = RdpAccountant::new();
     acc.compose(&m, rounds);
     acc.epsilon(delta).ok()
-}
-
-fn noise_for(target: f64, rounds: u64, delta: f64) -> Result<f64, Box<dyn Error>> {
-    let fits = |z: f64| epsilon_after(z, rounds, delta).is_some_and(|e| e <= target);
-    let (mut lo, mut hi) = (1e-3, 1e4);
-    if !fits(hi) {
-        return Err(format!("epsilon {target} is out of reach").into());
-    }
-    while hi / lo > 1.0 + 1e-6 {
-        let mid = (lo * hi).sqrt();
-        if fits(mid) {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    Ok(hi)
 }
 
 struct Split {
@@ -222,7 +207,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let split = load(&args.dir)?;
     let n = split.shards.len();
     let z = match args.epsilon {
-        Some(e) => Some(noise_for(e, args.rounds, args.delta)?),
+        Some(e) => Some(noise_multiplier_for(e, 1.0, args.rounds, args.delta)?),
         None => None,
     };
     let signers: Vec<Ed25519KeyPair> = (0..n)

@@ -42,7 +42,9 @@ pub use budget::{BudgetedAccountant, PrivacyBudget};
 pub use clip::{AdaptiveClip, AdaptiveClipOptions, clip_to};
 pub use mechanism::{CentralDp, Clipping, LocalDp};
 pub use noise::{NoiseRng, NormalSource};
-pub use rdp::{MAX_ORDER, RdpAccountant, SampledGaussian, default_orders, epsilon};
+pub use rdp::{
+    MAX_ORDER, RdpAccountant, SampledGaussian, default_orders, epsilon, noise_multiplier_for,
+};
 
 use thiserror::Error;
 

@@ -294,6 +294,41 @@ pub fn epsilon(
     accountant.epsilon(delta)
 }
 
+/// The smallest noise multiplier (to 1e-6 relative, rounded up) whose [`epsilon`] after `steps`
+/// steps at `sampling_rate` is at most `target` for `delta`: how much noise a planned job needs.
+///
+/// # Errors
+/// As [`epsilon`]; [`DpError::InvalidEpsilon`] for a target that is not finite and `> 0`, or
+/// out of reach even with a noise multiplier of 10⁴.
+pub fn noise_multiplier_for(
+    target: f64,
+    sampling_rate: f64,
+    steps: u64,
+    delta: f64,
+) -> Result<f64, DpError> {
+    if !(target.is_finite() && target > 0.0) {
+        return Err(DpError::InvalidEpsilon(target));
+    }
+    epsilon(1.0, sampling_rate, steps, delta)?;
+    let fits = |z: f64| epsilon(z, sampling_rate, steps, delta).is_ok_and(|e| e <= target);
+    let (mut lo, mut hi) = (1e-3, 1e4);
+    if !fits(hi) {
+        return Err(DpError::InvalidEpsilon(target));
+    }
+    if fits(lo) {
+        return Ok(lo);
+    }
+    while hi / lo > 1.0 + 1e-6 {
+        let mid = (lo * hi).sqrt();
+        if fits(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

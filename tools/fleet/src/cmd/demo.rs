@@ -258,21 +258,14 @@ fn epsilon_after(z: f64, rounds: u64, delta: f64) -> Option<f64> {
     acc.epsilon_and_order(delta).ok().map(|(e, _)| e)
 }
 
-/// The smallest noise multiplier (to 1e-4 relative, as an f32 the job carries) whose ε after
-/// `rounds` rounds is at most `target`.
+/// The smallest noise multiplier whose ε after `rounds` rounds is at most `target`, as the f32
+/// the job carries, rounded up so the job's own accounting stays within the target.
 fn noise_for(target: f64, rounds: u64, delta: f64) -> anyhow::Result<f32> {
-    let fits = |z: f64| epsilon_after(z, rounds, delta).is_some_and(|e| e <= target);
-    let (mut lo, mut hi) = (1e-3, 1e4);
-    if !fits(hi) {
-        bail!("--dp-epsilon {target}: out of reach even with noise multiplier {hi}");
-    }
-    while hi / lo > 1.0 + 1e-5 {
-        let mid = (lo * hi).sqrt();
-        if fits(mid) { hi = mid } else { lo = mid }
-    }
-    // Rounded up as f32, so the job's own accounting stays within the target.
-    let mut z = hi as f32;
-    while !fits(f64::from(z)) {
+    let z = fedge_fl::dp::noise_multiplier_for(target, 1.0, rounds, delta)
+        .map_err(|_| anyhow::anyhow!("--dp-epsilon {target}: out of reach for {rounds} rounds"))?;
+    let fits = |z: f32| epsilon_after(f64::from(z), rounds, delta).is_some_and(|e| e <= target);
+    let mut z = z as f32;
+    while !fits(z) {
         z = f32::from_bits(z.to_bits() + 1);
     }
     Ok(z)
