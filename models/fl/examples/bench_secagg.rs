@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Simulates every device and the aggregator in one process, moving the real wire encodings.
-//! Device CPU time is the mean over devices of the time in their four `Client` calls; the
+//! Device CPU time is the mean over devices of the time in their five `Client` calls; the
 //! aggregator's is the time in its `receive_*`, `close_*`, relay and `finish` calls. With
 //! `--drop-percent`, that share of devices drops after sharing keys (the costly case: their
 //! pairwise masks are rebuilt). Bytes are what a device sends and receives, payloads only
