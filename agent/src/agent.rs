@@ -670,8 +670,15 @@ impl Agent {
             accuracy: t.accuracy,
             delta: &t.delta,
         };
+        let encoded = encode(&u).and_then(|plain| match &t.recipient {
+            None => Ok(plain),
+            Some(key) => {
+                let aad = fedge_proto::seal::associated_data(&t.job, t.round, &self.device);
+                fedge_proto::seal::seal(key, &aad, &plain)
+            }
+        });
         let (payload, topic) = match (
-            encode(&u),
+            encoded,
             topic::job_update(&self.fleet, &t.job, &self.device),
         ) {
             (Ok(p), Ok(topic)) => (p, topic.to_string()),
@@ -701,7 +708,7 @@ impl Agent {
             Ok(seq) => {
                 Stats::bump(&self.stats.rounds_trained);
                 Stats::add(&self.stats.update_bytes, payload.len() as u64);
-                tracing::info!(job = %t.job, round = t.round, seq, samples = t.num_samples, loss = t.loss, accuracy = t.accuracy, "update queued");
+                tracing::info!(job = %t.job, round = t.round, seq, samples = t.num_samples, loss = t.loss, accuracy = t.accuracy, sealed = t.recipient.is_some(), "update queued");
                 if let Some(Err(e)) = self
                     .learner
                     .as_mut()

@@ -41,6 +41,8 @@ pub struct Announced {
     pub param_count: u32,
     pub codec: Codec,
     pub hyper: Hyper,
+    /// The aggregator's key to seal the update to (rounds that encrypt updates).
+    pub recipient: Option<[u8; 32]>,
 }
 
 /// What one training run needs; handed to the service to run off the reactor.
@@ -55,6 +57,7 @@ pub struct TrainJob {
     pub hyper: Hyper,
     /// The shuffling seed of this run (config seed, device, job and round).
     pub seed: u64,
+    pub recipient: Option<[u8; 32]>,
 }
 
 /// The result of a training run, ready to be sealed as an `Update`.
@@ -68,6 +71,8 @@ pub struct Trained {
     pub accuracy: f32,
     /// The encoded delta (new − global, clipped and noised when the round asks).
     pub delta: Vec<u8>,
+    /// Seal the update to this key (see [`Announced::recipient`]).
+    pub recipient: Option<[u8; 32]>,
 }
 
 #[derive(Debug)]
@@ -198,6 +203,30 @@ impl Learner {
             return Ok(false);
         }
         check_announce(a)?;
+        let recipient = if a.recipients.is_empty() {
+            None
+        } else {
+            match fedge_proto::seal::recipients::find(a.recipients, &self.device) {
+                Ok(Some(k)) => Some(k),
+                Ok(None) => {
+                    tracing::info!(
+                        job = a.job,
+                        round = a.round,
+                        "the round takes sealed updates and lists no key for this device: sitting it out"
+                    );
+                    return Ok(false);
+                }
+                Err(_) => {
+                    return Err(Rejection::new(
+                        Reason::Malformed,
+                        format!(
+                            "round {} of {}: the recipient table does not parse",
+                            a.round, a.job
+                        ),
+                    ));
+                }
+            }
+        };
         let ann = Announced {
             job: a.job.into(),
             round: a.round,
@@ -206,6 +235,7 @@ impl Learner {
             param_count: a.param_count,
             codec: a.codec,
             hyper: a.hyper,
+            recipient,
         };
         match &self.task {
             Some(t) if t.a.job == ann.job && t.a.round >= ann.round => Ok(false),
@@ -313,6 +343,7 @@ impl Learner {
             codec: a.codec,
             hyper: a.hyper,
             seed: run_seed(self.cfg.seed, &self.device, &a.job, a.round),
+            recipient: a.recipient,
         };
         self.task = Some(Task {
             a,
@@ -566,6 +597,7 @@ pub fn train_round(
         loss: report.loss,
         accuracy: report.accuracy,
         delta,
+        recipient: job.recipient,
     })
 }
 
@@ -636,6 +668,7 @@ mod tests {
             selection,
             hyper: hyper(),
             deadline_unix_ms: 0,
+            recipients: &[],
         }
     }
 
@@ -697,6 +730,38 @@ mod tests {
     }
 
     #[test]
+    fn a_sealed_round_carries_this_devices_key_or_is_sat_out() {
+        let dir = TestDir::new("fl-sealed");
+        let data = dir.path().join("d.csv");
+        std::fs::write(&data, "a,b,label\n0,1,0\n1,0,1\n").expect("data");
+        let mut l = Learner::open("f", "dev", cfg(data), 1024, dir.path()).expect("open");
+        let (bytes, m) = model(&[0.0f32; 6]);
+        let mut table = Vec::new();
+        fedge_proto::seal::recipients::push(&mut table, "other", &[7; 32]).expect("push");
+        let mut listed = table.clone();
+        fedge_proto::seal::recipients::push(&mut listed, "dev", &[9; 32]).expect("push");
+        let mut out = Vec::new();
+        let mut a = announce(m, 1, 6, Selection::All);
+        a.recipients = &table;
+        assert!(!l.on_announce(&a, &mut out).expect("not listed"));
+        assert!(out.is_empty());
+        let mut bad = table.clone();
+        bad.push(9);
+        a.recipients = &bad;
+        let r = l.on_announce(&a, &mut out).expect_err("bad table");
+        assert_eq!(r.reason, Reason::Malformed);
+        a.recipients = &listed;
+        assert!(l.on_announce(&a, &mut out).expect("listed"));
+        for c in m.split(&bytes) {
+            l.on_chunk(&c, &mut out).expect("chunk");
+        }
+        let Some(Action::Train(job)) = out.pop() else {
+            panic!("no training job: {out:?}");
+        };
+        assert_eq!(job.recipient, Some([9; 32]));
+    }
+
+    #[test]
     fn bad_announcements_and_models_are_refused() {
         let dir = TestDir::new("fl-bad");
         let mut l = Learner::open("f", "dev", cfg("d.csv".into()), 1024, dir.path()).expect("open");
@@ -748,6 +813,7 @@ mod tests {
             codec: Codec::F32,
             hyper: hyper(),
             seed: 0,
+            recipient: None,
         };
         let f = train_round(&job, &c, &DataCache::default()).expect_err("bound");
         assert_eq!(f.reason, Reason::Oversize);

@@ -35,6 +35,9 @@ pub enum ProtoError {
     Incomplete { missing: u32 },
     /// The system random generator failed (key generation).
     Rng,
+    /// A sealed update does not open: altered, bound to another job/round/device, or sealed to
+    /// a key the receiver does not hold.
+    Decrypt,
 }
 
 impl fmt::Display for ProtoError {
@@ -64,6 +67,7 @@ impl fmt::Display for ProtoError {
             }
             Self::Incomplete { missing } => write!(f, "{missing} chunks still missing"),
             Self::Rng => f.write_str("system random generator failed"),
+            Self::Decrypt => f.write_str("sealed update does not decrypt"),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! Everything that crosses MQTT between the operator, the aggregator and the devices is defined
 //! here, once: topic names ([`topic`]), message payloads ([`msg`]), the signed envelope that wraps
 //! every payload ([`envelope`]), the chunking of large objects ([`chunk`]), replay protection
-//! ([`replay`]) and device selection ([`msg::Selection`]).
+//! ([`replay`]), device selection ([`msg::Selection`]) and update encryption ([`seal`]).
 //!
 //! The crate is `no_std` without its `alloc`/`std` features: every type borrows from the received
 //! buffer, fixed-size data lives in arrays or [`heapless`] containers, and encoding writes into a
@@ -24,6 +24,7 @@ pub mod hex;
 pub mod keys;
 pub mod msg;
 pub mod replay;
+pub mod seal;
 pub mod topic;
 
 pub use envelope::{Envelope, Kind, Unverified};

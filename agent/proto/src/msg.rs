@@ -53,11 +53,14 @@ pub enum Reason {
     Storage,
     Duplicate,
     Internal,
+    /// A sealed update that does not open, or a plaintext update where the round asks for
+    /// encryption.
+    Undecryptable,
 }
 
 impl Reason {
     /// Every reason, in encoding order.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Self::UnknownSender,
         Self::Revoked,
         Self::BadSignature,
@@ -78,6 +81,7 @@ impl Reason {
         Self::Storage,
         Self::Duplicate,
         Self::Internal,
+        Self::Undecryptable,
     ];
 
     /// A stable snake_case name (metrics labels, JSON).
@@ -103,6 +107,7 @@ impl Reason {
             Self::Storage => "storage",
             Self::Duplicate => "duplicate",
             Self::Internal => "internal",
+            Self::Undecryptable => "undecryptable",
         }
     }
 
@@ -115,6 +120,7 @@ impl Reason {
             E::Replay { .. } => Self::Replay,
             E::WrongKind => Self::WrongKind,
             E::HashMismatch => Self::HashMismatch,
+            E::Decrypt => Self::Undecryptable,
             _ => Self::Malformed,
         }
     }
@@ -153,7 +159,7 @@ pub struct Telemetry<'a> {
     /// Bytes waiting in the store-and-forward outbox.
     pub outbox_bytes: u64,
     /// Cumulative refusals since start, per reason (only non-zero ones).
-    pub rejected: heapless::Vec<(Reason, u64), 20>,
+    pub rejected: heapless::Vec<(Reason, u64), 21>,
     /// The latest events since the previous telemetry message.
     #[serde(borrow)]
     pub events: heapless::Vec<Event<'a>, MAX_EVENTS>,
@@ -281,6 +287,9 @@ pub struct RoundAnnounce<'a> {
     pub hyper: Hyper,
     /// Updates after this instant (ms since the Unix epoch) follow the job's late policy.
     pub deadline_unix_ms: u64,
+    /// Empty: updates travel in clear (signed). Otherwise a [`crate::seal::recipients`] table:
+    /// each listed device must seal its update to its key; an unlisted device sits the round out.
+    pub recipients: &'a [u8],
 }
 
 /// A device's contribution on `job/{job}/update/{device}`.
@@ -359,6 +368,7 @@ mod tests {
                 noise_multiplier: 0.0,
             },
             deadline_unix_ms: 1,
+            recipients: &[],
         };
         let n = encode_into(&a, &mut buf).expect("encode").len();
         assert_eq!(decode::<RoundAnnounce<'_>>(&buf[..n]), Ok(a));

@@ -142,6 +142,10 @@ pub struct JobSpec {
     /// with equal weights and adds Gaussian noise of `noise_multiplier × clip_norm / n`.
     #[serde(default)]
     pub central_dp: Option<CentralDpSpec>,
+    /// Devices encrypt their updates to a per-round key the announcement lists for each
+    /// (X25519 → HKDF-SHA256 → ChaCha20-Poly1305): the broker sees only ciphertext.
+    #[serde(default)]
+    pub encrypt_updates: bool,
 }
 
 /// `central_dp = { clip_norm = 1.0, noise_multiplier = 1.0 }`.

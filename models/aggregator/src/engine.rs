@@ -62,6 +62,8 @@ pub struct JobRun {
     pub global: Vec<f32>,
     /// The accepted count at which aggregation last failed (retried when it changes).
     failed_at: Option<u32>,
+    /// Recipient keys of sealed updates (`encrypt_updates` jobs), in memory only.
+    pub sealing: crate::sealing::Sealing,
 }
 
 impl JobRun {
@@ -83,6 +85,7 @@ impl JobRun {
             round,
             global,
             failed_at: None,
+            sealing: crate::sealing::Sealing::default(),
         })
     }
 
@@ -99,9 +102,24 @@ impl JobRun {
         })
     }
 
-    /// Largest update envelope accepted: an f32 delta of the model plus headroom.
+    /// Largest update envelope accepted: an f32 delta of the model plus headroom (which covers
+    /// the sealing overhead).
     pub fn max_envelope(&self) -> usize {
         self.rec.param_count as usize * 4 + ENVELOPE_HEADROOM
+    }
+
+    /// For `encrypt_updates` jobs, makes sure the open round has its recipient keys.
+    fn ensure_keys(&mut self, store: &Store) -> Result<(), AggregatorError> {
+        let Some(r) = self
+            .round
+            .as_ref()
+            .filter(|_| self.rec.spec.encrypt_updates)
+        else {
+            return Ok(());
+        };
+        let eligible = store.begin()?.eligible_devices()?;
+        self.sealing
+            .ensure(&self.rec.spec.id, r.round, &r.selection, &eligible)
     }
 }
 
@@ -281,9 +299,10 @@ impl Engine {
         job: &str,
         clear: Option<u64>,
     ) -> Result<(), AggregatorError> {
-        let Some(run) = self.jobs.get(job) else {
+        let Some(run) = self.jobs.get_mut(job) else {
             return Ok(());
         };
+        run.ensure_keys(&self.store)?;
         let fleet = &self.cfg.fleet;
         let number = run
             .round
@@ -296,12 +315,14 @@ impl Engine {
             cleared.append(&mut msgs);
             msgs = cleared;
         }
+        let recipients = run.sealing.table(number);
         msgs.push(outgoing::announce(
             &mut self.sealer,
             fleet,
             &run.rec,
             run.round.as_ref(),
             manifest,
+            recipients,
         )?);
         self.send(msgs).await
     }

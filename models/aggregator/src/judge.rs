@@ -1,5 +1,6 @@
 //! The judgement of one update envelope, inside the batch's write transaction: the protocol's
-//! receive order (bound, decode, sender, signature, kind, freshness), then the round rules,
+//! receive order (bound, decode, sender, signature, kind, freshness, decryption for jobs that
+//! seal updates), then the round rules,
 //! then the delta. An accepted update is written to the transaction; its ack waits for the
 //! commit.
 
@@ -126,7 +127,15 @@ fn judge_envelope(
     }
     check_fresh(txn, device, env.seq)?;
     v.fresh = true;
-    let update: Update<'_> = fedge_proto::envelope::decode(env.payload)?;
+    let opened;
+    let payload = match jobs.get_mut(job).filter(|r| r.rec.spec.encrypt_updates) {
+        Some(run) => {
+            opened = run.sealing.open(job, device, env.round, env.payload)?;
+            opened.as_slice()
+        }
+        None => env.payload,
+    };
+    let update: Update<'_> = fedge_proto::envelope::decode(payload)?;
     v.round = update.round;
     if update.job != job {
         return Err(reject(

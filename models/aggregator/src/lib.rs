@@ -43,6 +43,7 @@ pub mod mqtt;
 pub mod outgoing;
 pub mod records;
 pub mod rules;
+pub mod sealing;
 pub mod service;
 pub mod store;
 

@@ -126,6 +126,7 @@ pub fn announce(
     rec: &JobRecord,
     round: Option<&RoundRecord>,
     manifest: ChunkManifest,
+    recipients: &[u8],
 ) -> Result<Outgoing, AggregatorError> {
     let s = &rec.spec;
     let (number, phase, selection, deadline) = match (round, rec.phase) {
@@ -152,6 +153,11 @@ pub fn announce(
         selection,
         hyper: s.hyper.to_proto(),
         deadline_unix_ms: deadline,
+        recipients: if phase == Phase::Open {
+            recipients
+        } else {
+            &[]
+        },
     };
     let payload = fedge_proto::envelope::encode(&a)?;
     Ok(Outgoing {

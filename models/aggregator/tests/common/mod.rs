@@ -68,6 +68,8 @@ pub struct Announce {
     pub param_count: u32,
     pub selection: Selection,
     pub deadline_unix_ms: u64,
+    /// The recipient table (empty: updates travel in clear).
+    pub recipients: Vec<u8>,
 }
 
 /// An ack, owned.
@@ -86,6 +88,9 @@ pub struct Device {
     pub signer: Signer,
     /// The last sequence number used.
     pub seq: u64,
+    /// The aggregator's key for this device in the last announcement (rounds that seal updates);
+    /// [`Device::seal_update`] encrypts to it.
+    pub recipient: Option<[u8; 32]>,
     fleet: String,
     aggregator: PublicKey,
     client: AsyncClient,
@@ -150,6 +155,7 @@ impl Device {
             id: identity.id,
             signer: identity.signer,
             seq: 0,
+            recipient: None,
             fleet: fleet.into(),
             aggregator,
             client,
@@ -182,27 +188,32 @@ impl Device {
     pub async fn announce(&mut self, job: &str, round: u64) -> Announce {
         let t = topic::job_round(&self.fleet, job).unwrap().to_string();
         let key = self.aggregator;
-        self.wait_for(&format!("announcement of round {round}"), |p| {
-            if p.topic != t || p.payload.is_empty() {
-                return None;
-            }
-            let env = Envelope::open(&p.payload, 1 << 20)
-                .ok()?
-                .verify(&key)
-                .expect("aggregator signature");
-            let a: RoundAnnounce<'_> =
-                fedge_proto::envelope::decode(env.payload).expect("announce");
-            (a.round >= round || a.phase == Phase::Finished).then_some(Announce {
-                round: a.round,
-                phase: a.phase,
-                version: a.model.version,
-                manifest: a.manifest,
-                param_count: a.param_count,
-                selection: a.selection,
-                deadline_unix_ms: a.deadline_unix_ms,
+        let a = self
+            .wait_for(&format!("announcement of round {round}"), |p| {
+                if p.topic != t || p.payload.is_empty() {
+                    return None;
+                }
+                let env = Envelope::open(&p.payload, 1 << 20)
+                    .ok()?
+                    .verify(&key)
+                    .expect("aggregator signature");
+                let a: RoundAnnounce<'_> =
+                    fedge_proto::envelope::decode(env.payload).expect("announce");
+                (a.round >= round || a.phase == Phase::Finished).then_some(Announce {
+                    round: a.round,
+                    phase: a.phase,
+                    version: a.model.version,
+                    manifest: a.manifest,
+                    param_count: a.param_count,
+                    selection: a.selection,
+                    deadline_unix_ms: a.deadline_unix_ms,
+                    recipients: a.recipients.to_vec(),
+                })
             })
-        })
-        .await
+            .await;
+        self.recipient =
+            fedge_proto::seal::recipients::find(&a.recipients, &self.id).expect("recipient table");
+        a
     }
 
     /// Fetches the announced model from its retained chunks and checks its hash.
@@ -260,7 +271,11 @@ impl Device {
             accuracy: 0.9,
             delta,
         };
-        let payload = fedge_proto::envelope::encode(&u).unwrap();
+        let mut payload = fedge_proto::envelope::encode(&u).unwrap();
+        if let Some(key) = &self.recipient {
+            let aad = fedge_proto::seal::associated_data(job, round, &self.id);
+            payload = fedge_proto::seal::seal(key, &aad, &payload).unwrap();
+        }
         (
             self.seq,
             Envelope::new(Kind::Update, &self.id, self.seq, round, &payload)

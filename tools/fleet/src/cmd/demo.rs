@@ -121,6 +121,11 @@ pub struct Args {
     /// the initial global parameters).
     #[arg(long, value_name = "DIR")]
     pub dump_split: Option<PathBuf>,
+    /// Send updates signed but in clear. By default each device seals its update to a key the
+    /// aggregator announced for it this round (X25519, ChaCha20-Poly1305): the broker sees only
+    /// ciphertext.
+    #[arg(long)]
+    pub clear_updates: bool,
 }
 
 /// The `--json` object (also written to `summary.json`).
@@ -569,6 +574,7 @@ fn aggregator_config(
     let mut job = JobSpec::parse(&spec, cfg.broker.max_packet_bytes)
         .map_err(|e| anyhow::anyhow!("job: {e}"))?;
     job.model = ModelSource::Params(head.params().to_vec());
+    job.encrypt_updates = !args.clear_updates;
     cfg.jobs = vec![job];
     Ok(cfg)
 }

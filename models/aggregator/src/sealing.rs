@@ -1,0 +1,187 @@
+//! Recipient keys of sealed (encrypted) updates, for jobs with `encrypt_updates`.
+//!
+//! ring's X25519 private keys are single-use, so each selected device gets its own key pair per
+//! round; the public halves go out in the announcement ([`fedge_proto::seal::recipients`]), the
+//! private halves stay in memory only and are spent by the first update that opens with them.
+//! An aggregator restart generates new keys for the open round and announces them again: an
+//! update sealed to a key from before the restart is refused (`undecryptable`), never
+//! half-accepted. Keys of a few earlier rounds are kept for the late policy.
+
+use std::collections::{BTreeMap, HashMap};
+
+use fedge_proto::msg::{Reason, Selection};
+use fedge_proto::seal::{self, OpeningKey, Sealed};
+
+use crate::error::AggregatorError;
+use crate::rules::Rejection;
+
+/// Rounds whose unspent keys are kept (the open one included).
+const KEEP_ROUNDS: u64 = 8;
+
+#[derive(Debug)]
+struct RoundKeys {
+    table: Vec<u8>,
+    keys: HashMap<String, OpeningKey>,
+}
+
+/// The keys of one job.
+#[derive(Debug, Default)]
+pub struct Sealing {
+    rounds: BTreeMap<u64, RoundKeys>,
+}
+
+impl Sealing {
+    /// Makes sure `round` has a key for every device of `eligible` that `selection` picks; keeps
+    /// the keys it already has (a reconnection announces the same ones again).
+    ///
+    /// # Errors
+    /// The system random generator failed.
+    pub fn ensure(
+        &mut self,
+        job: &str,
+        round: u64,
+        selection: &Selection,
+        eligible: &[String],
+    ) -> Result<(), AggregatorError> {
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.rounds.entry(round) {
+            let rng = ring::rand::SystemRandom::new();
+            let mut table = Vec::new();
+            let mut keys = HashMap::new();
+            for id in eligible {
+                if !selection.includes(job, round, id) {
+                    continue;
+                }
+                let key = OpeningKey::generate(&rng).map_err(AggregatorError::Proto)?;
+                seal::recipients::push(&mut table, id, key.public())
+                    .map_err(AggregatorError::Proto)?;
+                keys.insert(id.clone(), key);
+            }
+            tracing::debug!(job, round, devices = keys.len(), "recipient keys generated");
+            slot.insert(RoundKeys { table, keys });
+        }
+        let oldest = round.saturating_sub(KEEP_ROUNDS - 1);
+        self.rounds.retain(|r, _| *r >= oldest);
+        Ok(())
+    }
+
+    /// The recipient table announced for `round` (empty when none was made).
+    pub fn table(&self, round: u64) -> &[u8] {
+        self.rounds.get(&round).map_or(&[], |r| r.table.as_slice())
+    }
+
+    /// Unspent keys of `round`.
+    pub fn unspent(&self, round: u64) -> usize {
+        self.rounds.get(&round).map_or(0, |r| r.keys.len())
+    }
+
+    /// Opens the sealed update `payload` of `device` for `round` of `job` and returns the encoded
+    /// update. Spends the device's key once the payload names it, whether or not it then opens.
+    ///
+    /// # Errors
+    /// A [`Rejection`] with [`Reason::Undecryptable`]: not a sealed payload, no key for this
+    /// device and round (not selected when the round opened, already spent, or from before a
+    /// restart), or a ciphertext that does not open.
+    pub fn open(
+        &mut self,
+        job: &str,
+        device: &str,
+        round: u64,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, Rejection> {
+        let refuse = |detail: String| Rejection::new(Reason::Undecryptable, detail);
+        let sealed: Sealed<'_> = fedge_proto::envelope::decode(payload).map_err(|_| {
+            refuse(format!(
+                "job {job} takes sealed updates only; this payload is not one"
+            ))
+        })?;
+        let keys = self.rounds.get_mut(&round).ok_or_else(|| {
+            refuse(format!(
+                "no recipient keys for round {round} (not announced by this aggregator run)"
+            ))
+        })?;
+        match keys.keys.get(device) {
+            None => {
+                return Err(refuse(format!(
+                    "no unspent key for {device} in round {round} (not selected when it opened, or already used)"
+                )));
+            }
+            Some(k) if k.public() != &sealed.recipient => {
+                return Err(refuse(format!(
+                    "sealed to a key this aggregator does not hold for {device} in round {round} (announced before a restart?)"
+                )));
+            }
+            Some(_) => {}
+        }
+        let key = keys
+            .keys
+            .remove(device)
+            .ok_or_else(|| refuse(String::from("key vanished")))?;
+        let aad = seal::associated_data(job, round, device);
+        key.open(&sealed, &aad)
+            .map_err(|e| refuse(format!("sealed update from {device}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("d{i}")).collect()
+    }
+
+    #[test]
+    fn keys_are_per_device_and_round_and_spent_once() {
+        let mut s = Sealing::default();
+        s.ensure("j", 1, &Selection::All, &ids(3)).expect("keys");
+        let table = s.table(1).to_vec();
+        assert_eq!(seal::recipients::count(&table), Ok(3));
+        s.ensure("j", 1, &Selection::All, &ids(3)).expect("again");
+        assert_eq!(
+            s.table(1),
+            table.as_slice(),
+            "same keys on a re-announcement"
+        );
+        let k1 = seal::recipients::find(&table, "d1")
+            .expect("table")
+            .expect("d1");
+        let plain = b"update bytes".to_vec();
+        let wire = seal::seal(&k1, &seal::associated_data("j", 1, "d1"), &plain).expect("seal");
+        // Another device's topic: d0's key does not match the one named.
+        let e = s.open("j", "d0", 1, &wire).expect_err("wrong device");
+        assert_eq!(e.reason, Reason::Undecryptable);
+        assert_eq!(s.unspent(1), 3, "a mismatch spends nothing");
+        assert_eq!(s.open("j", "d1", 1, &wire).expect("open"), plain);
+        assert_eq!(s.unspent(1), 2);
+        let e = s.open("j", "d1", 1, &wire).expect_err("spent");
+        assert!(e.detail.contains("already used"), "{}", e.detail);
+        let e = s.open("j", "d2", 1, &plain).expect_err("plain");
+        assert!(e.detail.contains("sealed updates only"), "{}", e.detail);
+        let e = s.open("j", "d2", 2, &wire).expect_err("round");
+        assert!(e.detail.contains("round 2"), "{}", e.detail);
+    }
+
+    #[test]
+    fn a_wrong_binding_spends_the_key_and_old_rounds_are_pruned() {
+        let mut s = Sealing::default();
+        s.ensure("j", 1, &Selection::All, &ids(1)).expect("keys");
+        let k = seal::recipients::find(s.table(1), "d0")
+            .expect("table")
+            .expect("d0");
+        let wire = seal::seal(&k, &seal::associated_data("j", 2, "d0"), b"x").expect("seal");
+        let e = s.open("j", "d0", 1, &wire).expect_err("bound to round 2");
+        assert!(e.detail.contains("does not decrypt"), "{}", e.detail);
+        assert_eq!(s.unspent(1), 0);
+        for r in 2..=20 {
+            s.ensure("j", r, &Selection::All, &ids(1)).expect("keys");
+        }
+        assert!(s.table(12).is_empty());
+        assert!(!s.table(13).is_empty());
+        let none = Selection::Sample {
+            seed: 1,
+            fraction_ppm: 0,
+        };
+        s.ensure("j", 21, &none, &ids(4)).expect("keys");
+        assert!(s.table(21).is_empty());
+    }
+}
