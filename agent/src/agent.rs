@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use fedge_proto::chunk::{Chunk, ChunkManifest};
 use fedge_proto::envelope::{decode, encode};
-use fedge_proto::msg::{Ack, Command, Outcome, Reason, RoundAnnounce, Status, Update};
+use fedge_proto::msg::{Ack, Command, Outcome, Phase, Reason, RoundAnnounce, Status, Update};
 use fedge_proto::replay::Freshness;
 use fedge_proto::topic::{self, Topic};
 use fedge_proto::{Envelope, Kind, ProtoError, Signer, check_id};
@@ -113,6 +113,9 @@ pub struct Agent {
     learner: Option<Learner>,
     learn_subscribed: bool,
     max_packet: usize,
+    /// Sealed updates not yet acknowledged, per job: (seq, the update), kept to seal again if
+    /// the aggregator announces the same round with a new key (it restarted). Memory only.
+    resealable: std::collections::BTreeMap<String, (u64, Trained)>,
 }
 
 /// A signed `Status` envelope (the retained status and the last will).
@@ -191,6 +194,7 @@ impl Agent {
             learner: parts.learner,
             learn_subscribed: false,
             max_packet: cfg.broker.max_packet_bytes,
+            resealable: std::collections::BTreeMap::new(),
         })
     }
 
@@ -573,6 +577,40 @@ impl Agent {
             Some(Err(r)) => self.reject(r, now),
             _ => {}
         }
+        self.reseal(&a, now);
+    }
+
+    /// A sealed update of this round still waits for its ack and the announcement now lists
+    /// another key for this device: the aggregator restarted and lost the old one. Seal the
+    /// same update to the new key and send it again (a new seq; the old one is refused).
+    fn reseal(&mut self, a: &RoundAnnounce<'_>, now: Now) {
+        let Some((_, t)) = self.resealable.get(a.job) else {
+            return;
+        };
+        if a.round != t.round || a.phase != Phase::Open {
+            if a.round > t.round || a.phase == Phase::Finished {
+                self.resealable.remove(a.job);
+            }
+            return;
+        }
+        let Some(Ok(Some(key))) = a
+            .recipients
+            .map(|table| fedge_proto::seal::recipients::find(table, &self.device))
+        else {
+            return;
+        };
+        if t.recipient == Some(key) {
+            return;
+        }
+        let mut t = t.clone();
+        t.recipient = Some(key);
+        tracing::info!(
+            job = a.job,
+            round = a.round,
+            "the round was announced again with a new key: sealing the update again"
+        );
+        Stats::bump(&self.stats.updates_resealed);
+        self.submit_update(&t, now, true);
     }
 
     fn on_model_chunk(
@@ -622,6 +660,14 @@ impl Agent {
         }
         let which = self.learner.as_mut().and_then(|l| l.acked(a.seq));
         let (job, round) = which.unwrap_or_else(|| (String::from("?"), a.round));
+        if self
+            .resealable
+            .get(&job)
+            .is_some_and(|(seq, _)| *seq == a.seq)
+            && a.outcome != Outcome::Rejected(Reason::Undecryptable)
+        {
+            self.resealable.remove(&job);
+        }
         match a.outcome {
             Outcome::Accepted | Outcome::Duplicate => {
                 Stats::bump(&self.stats.updates_accepted);
@@ -642,7 +688,7 @@ impl Agent {
     pub fn on_train_done(&mut self, result: Result<Trained, Failure>, now: Now) -> Vec<Action> {
         let mut out = Vec::new();
         match result {
-            Ok(t) => self.submit_update(&t, now),
+            Ok(t) => self.submit_update(&t, now, false),
             Err(f) => self.reject(
                 Rejection::new(f.reason, format!("training: {}", f.detail)),
                 now,
@@ -660,7 +706,7 @@ impl Agent {
         out
     }
 
-    fn submit_update(&mut self, t: &Trained, now: Now) {
+    fn submit_update(&mut self, t: &Trained, now: Now, again: bool) {
         let u = Update {
             job: &t.job,
             round: t.round,
@@ -706,7 +752,12 @@ impl Agent {
             now,
         ) {
             Ok(seq) => {
-                Stats::bump(&self.stats.rounds_trained);
+                if !again {
+                    Stats::bump(&self.stats.rounds_trained);
+                }
+                if t.recipient.is_some() {
+                    self.resealable.insert(t.job.clone(), (seq, t.clone()));
+                }
                 Stats::add(&self.stats.update_bytes, payload.len() as u64);
                 tracing::info!(job = %t.job, round = t.round, seq, samples = t.num_samples, loss = t.loss, accuracy = t.accuracy, sealed = t.recipient.is_some(), "update queued");
                 if let Some(Err(e)) = self

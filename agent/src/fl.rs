@@ -203,10 +203,9 @@ impl Learner {
             return Ok(false);
         }
         check_announce(a)?;
-        let recipient = if a.recipients.is_empty() {
-            None
-        } else {
-            match fedge_proto::seal::recipients::find(a.recipients, &self.device) {
+        let recipient = match a.recipients {
+            None => None,
+            Some(table) => match fedge_proto::seal::recipients::find(table, &self.device) {
                 Ok(Some(k)) => Some(k),
                 Ok(None) => {
                     tracing::info!(
@@ -225,7 +224,7 @@ impl Learner {
                         ),
                     ));
                 }
-            }
+            },
         };
         let ann = Announced {
             job: a.job.into(),
@@ -668,7 +667,7 @@ mod tests {
             selection,
             hyper: hyper(),
             deadline_unix_ms: 0,
-            recipients: &[],
+            recipients: None,
         }
     }
 
@@ -742,15 +741,15 @@ mod tests {
         fedge_proto::seal::recipients::push(&mut listed, "dev", &[9; 32]).expect("push");
         let mut out = Vec::new();
         let mut a = announce(m, 1, 6, Selection::All);
-        a.recipients = &table;
+        a.recipients = Some(&table);
         assert!(!l.on_announce(&a, &mut out).expect("not listed"));
         assert!(out.is_empty());
         let mut bad = table.clone();
         bad.push(9);
-        a.recipients = &bad;
+        a.recipients = Some(&bad);
         let r = l.on_announce(&a, &mut out).expect_err("bad table");
         assert_eq!(r.reason, Reason::Malformed);
-        a.recipients = &listed;
+        a.recipients = Some(&listed);
         assert!(l.on_announce(&a, &mut out).expect("listed"));
         for c in m.split(&bytes) {
             l.on_chunk(&c, &mut out).expect("chunk");

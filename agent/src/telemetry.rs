@@ -42,6 +42,8 @@ pub struct Stats {
     pub updates_accepted: AtomicU64,
     /// Updates the aggregator refused.
     pub updates_refused: AtomicU64,
+    /// Sealed updates sealed again to a new key after an aggregator restart.
+    pub updates_resealed: AtomicU64,
     /// Bytes of update envelopes queued, and of global-model chunks stored.
     pub update_bytes: AtomicU64,
     pub model_bytes: AtomicU64,

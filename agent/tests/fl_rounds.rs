@@ -240,3 +240,123 @@ async fn a_round_closes_without_a_silent_and_a_killed_device_which_rejoins_the_n
         "accuracy of the round 2 model on all digits: {acc}"
     );
 }
+
+/// Waits until the broker holds the retained announcement of `job`.
+async fn retained_announcement(port: u16) {
+    let mut o =
+        rumqttc::MqttOptions::new(format!("watch-{}", std::process::id()), "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 16);
+    client
+        .subscribe(
+            format!("fedge/v1/{}/job/{JOB}/round", common::FLEET),
+            rumqttc::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, eventloop.poll())
+            .await
+            .expect("announcement retained in time");
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = ev
+            && !p.payload.is_empty()
+        {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_updates_made_before_an_aggregator_restart_are_sealed_again_and_counted() {
+    let Some(broker) = common::mosquitto("fl_sealed_restart") else {
+        return;
+    };
+    let tmp = common::TempDir::new("fl-sealed");
+    let digits = load_digits(fedge_tests::repo_root().join(DIGITS_PATH)).unwrap();
+    let shards = dirichlet_shards(&digits, 3, 1.0, 20, 5).unwrap();
+    let agg_key_path = tmp.0.join("aggregator.key");
+    let agg_key = fedge_proto::keys::file::load_or_create(&agg_key_path)
+        .unwrap()
+        .public_key();
+    let devices: Vec<Device> = ["dev-a", "dev-b", "dev-c"]
+        .iter()
+        .zip(&shards)
+        .map(|(id, s)| device(&tmp.0, id, s, &broker.url(), agg_key))
+        .collect();
+    let mut cfg = fedge_aggregator::Config {
+        fleet: common::FLEET.into(),
+        data_dir: tmp.0.join("aggregator"),
+        key_file: Some(agg_key_path),
+        tick_ms: 20,
+        ..fedge_aggregator::Config::default()
+    };
+    cfg.broker.url = Some(broker.url());
+    cfg.broker.client_id = Some(format!("agg-sealed-{}", std::process::id()));
+    cfg.devices = devices
+        .iter()
+        .map(|d| DeviceEntry {
+            id: d.id.clone(),
+            public_key: d.public_key.to_hex().to_string(),
+        })
+        .collect();
+    let spec = format!(
+        "id = {JOB:?}\nmodel = {{ zeros = 650 }}\nrounds = 2\nmin_devices = 3\ndeadline_ms = 120000\n\
+         encrypt_updates = true\n[hyper]\nlearning_rate = 0.5\nepochs = 1\nbatch_size = 16\n"
+    );
+    cfg.jobs = vec![JobSpec::parse(&spec, cfg.broker.max_packet_bytes).unwrap()];
+    let store_path = cfg.data_dir.join(fedge_aggregator::service::STORE_FILE);
+
+    // The first aggregator run opens round 1, announces it with its keys, and stops.
+    let first = fedge_aggregator::Service::bind(cfg.clone()).await.unwrap();
+    let (first_stop, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(first.run(async move {
+        let _ = first_rx.await;
+    }));
+    retained_announcement(broker.port()).await;
+    let _ = first_stop.send(());
+    first.await.unwrap().unwrap();
+
+    // The devices train on that announcement and seal to keys nobody holds any more.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let started: Vec<_> = devices.iter().map(|d| start(d, &stop_rx)).collect();
+    for (d, (s, _)) in devices.iter().zip(&started) {
+        until(&format!("{}: trains round 1", d.id), || {
+            get(&s.rounds_trained) >= 1
+        })
+        .await;
+    }
+
+    // The aggregator comes back with new keys: every update is refused, sealed again, counted;
+    // round 2 runs normally.
+    let service = fedge_aggregator::Service::bind(cfg).await.unwrap();
+    let mut agg_stop = stop_rx.clone();
+    let aggregator = tokio::spawn(service.run(async move {
+        let _ = agg_stop.wait_for(|s| *s).await;
+    }));
+    for (d, (s, _)) in devices.iter().zip(&started) {
+        until(&format!("{}: round 1 sealed again", d.id), || {
+            get(&s.updates_resealed) >= 1
+        })
+        .await;
+        until(&format!("{}: rounds 1 and 2 accepted", d.id), || {
+            get(&s.updates_accepted) >= 2
+        })
+        .await;
+    }
+    let _ = stop_tx.send(true);
+    for (_, t) in started {
+        tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    aggregator.await.unwrap().unwrap();
+    let store = fedge_aggregator::store::Store::open(&store_path).unwrap();
+    let rounds = store.rounds(JOB).unwrap();
+    assert_eq!(
+        rounds.iter().map(|r| r.accepted).collect::<Vec<_>>(),
+        [3, 3],
+        "{rounds:?}"
+    );
+}

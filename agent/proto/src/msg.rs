@@ -287,9 +287,10 @@ pub struct RoundAnnounce<'a> {
     pub hyper: Hyper,
     /// Updates after this instant (ms since the Unix epoch) follow the job's late policy.
     pub deadline_unix_ms: u64,
-    /// Empty: updates travel in clear (signed). Otherwise a [`crate::seal::recipients`] table:
-    /// each listed device must seal its update to its key; an unlisted device sits the round out.
-    pub recipients: &'a [u8],
+    /// `None`: updates travel in clear (signed). `Some`: a [`crate::seal::recipients`] table;
+    /// each listed device must seal its update to its key, an unlisted one sits the round out.
+    #[serde(borrow)]
+    pub recipients: Option<&'a [u8]>,
 }
 
 /// A device's contribution on `job/{job}/update/{device}`.
@@ -368,7 +369,10 @@ mod tests {
                 noise_multiplier: 0.0,
             },
             deadline_unix_ms: 1,
-            recipients: &[],
+            recipients: Some(&[
+                2, b'd', b'1', 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+                7, 7, 7, 7, 7, 7, 7, 7, 7,
+            ]),
         };
         let n = encode_into(&a, &mut buf).expect("encode").len();
         assert_eq!(decode::<RoundAnnounce<'_>>(&buf[..n]), Ok(a));

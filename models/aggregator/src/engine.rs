@@ -108,18 +108,25 @@ impl JobRun {
         self.rec.param_count as usize * 4 + ENVELOPE_HEADROOM
     }
 
-    /// For `encrypt_updates` jobs, makes sure the open round has its recipient keys.
-    fn ensure_keys(&mut self, store: &Store) -> Result<(), AggregatorError> {
+    /// For `encrypt_updates` jobs, makes sure the open round has a recipient key for every
+    /// selected device registered now. Returns whether keys were added.
+    fn ensure_keys(&mut self, store: &Store) -> Result<bool, AggregatorError> {
         let Some(r) = self
             .round
             .as_ref()
             .filter(|_| self.rec.spec.encrypt_updates)
         else {
-            return Ok(());
+            return Ok(false);
+        };
+        let keep = match self.rec.spec.late_policy {
+            crate::config::LatePolicy::DownWeight { max_staleness, .. } => {
+                max_staleness.saturating_add(1)
+            }
+            crate::config::LatePolicy::Reject => 1,
         };
         let eligible = store.begin()?.eligible_devices()?;
         self.sealing
-            .ensure(&self.rec.spec.id, r.round, &r.selection, &eligible)
+            .ensure(&self.rec.spec.id, r.round, &r.selection, &eligible, keep)
     }
 }
 
@@ -315,7 +322,10 @@ impl Engine {
             cleared.append(&mut msgs);
             msgs = cleared;
         }
-        let recipients = run.sealing.table(number);
+        let recipients = run
+            .sealing
+            .table(number)
+            .filter(|_| run.rec.spec.encrypt_updates);
         msgs.push(outgoing::announce(
             &mut self.sealer,
             fleet,
@@ -442,6 +452,22 @@ impl Engine {
             Command::Register { id, key, reply } => {
                 let r = self.in_txn(|txn| lifecycle::register(txn, &id, &key, unix_ms()));
                 let _ = reply.send(r);
+                // A device registered while a sealed round is open gets its key now.
+                let sealed: Vec<String> = self
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| j.rec.spec.encrypt_updates && j.round.is_some())
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for job in sealed {
+                    let added = match self.jobs.get_mut(&job) {
+                        Some(run) => run.ensure_keys(&self.store)?,
+                        None => false,
+                    };
+                    if added {
+                        self.publish_state(&job, None).await?;
+                    }
+                }
             }
             Command::Revoke { id, reply } => {
                 let r = self.in_txn(|txn| lifecycle::revoke(txn, &id));

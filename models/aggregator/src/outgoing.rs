@@ -126,7 +126,7 @@ pub fn announce(
     rec: &JobRecord,
     round: Option<&RoundRecord>,
     manifest: ChunkManifest,
-    recipients: &[u8],
+    recipients: Option<&[u8]>,
 ) -> Result<Outgoing, AggregatorError> {
     let s = &rec.spec;
     let (number, phase, selection, deadline) = match (round, rec.phase) {
@@ -153,11 +153,7 @@ pub fn announce(
         selection,
         hyper: s.hyper.to_proto(),
         deadline_unix_ms: deadline,
-        recipients: if phase == Phase::Open {
-            recipients
-        } else {
-            &[]
-        },
+        recipients: recipients.filter(|_| phase == Phase::Open),
     };
     let payload = fedge_proto::envelope::encode(&a)?;
     Ok(Outgoing {

@@ -5,7 +5,9 @@
 //! private halves stay in memory only and are spent by the first update that opens with them.
 //! An aggregator restart generates new keys for the open round and announces them again: an
 //! update sealed to a key from before the restart is refused (`undecryptable`), never
-//! half-accepted. Keys of a few earlier rounds are kept for the late policy.
+//! half-accepted, and the agent seals its update again to the new key. A device registered while
+//! a round is open gets a key and a new announcement. Keys of earlier rounds are kept as long as
+//! the late policy accepts their updates (at least 8 rounds).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -15,13 +17,19 @@ use fedge_proto::seal::{self, OpeningKey, Sealed};
 use crate::error::AggregatorError;
 use crate::rules::Rejection;
 
-/// Rounds whose unspent keys are kept (the open one included).
+/// Rounds whose unspent keys are kept at least (the open one included).
 const KEEP_ROUNDS: u64 = 8;
+
+/// An announcement whose table passes this may be refused by agents with the default
+/// `max_message_bytes` (64 KiB).
+const TABLE_WARN_BYTES: usize = 60 << 10;
 
 #[derive(Debug)]
 struct RoundKeys {
     table: Vec<u8>,
     keys: HashMap<String, OpeningKey>,
+    /// Every device that was given a key this round (spent or not).
+    listed: std::collections::HashSet<String>,
 }
 
 /// The keys of one job.
@@ -31,8 +39,10 @@ pub struct Sealing {
 }
 
 impl Sealing {
-    /// Makes sure `round` has a key for every device of `eligible` that `selection` picks; keeps
-    /// the keys it already has (a reconnection announces the same ones again).
+    /// Makes sure `round` has a key for every device of `eligible` that `selection` picks, adding
+    /// keys for devices registered since; keeps the keys it already has (a reconnection announces
+    /// the same ones again). Keeps the keys of the `keep` latest rounds (at least 8). Returns
+    /// whether the table changed.
     ///
     /// # Errors
     /// The system random generator failed.
@@ -42,31 +52,51 @@ impl Sealing {
         round: u64,
         selection: &Selection,
         eligible: &[String],
-    ) -> Result<(), AggregatorError> {
-        if let std::collections::btree_map::Entry::Vacant(slot) = self.rounds.entry(round) {
-            let rng = ring::rand::SystemRandom::new();
-            let mut table = Vec::new();
-            let mut keys = HashMap::new();
-            for id in eligible {
-                if !selection.includes(job, round, id) {
-                    continue;
-                }
-                let key = OpeningKey::generate(&rng).map_err(AggregatorError::Proto)?;
-                seal::recipients::push(&mut table, id, key.public())
-                    .map_err(AggregatorError::Proto)?;
-                keys.insert(id.clone(), key);
+        keep: u64,
+    ) -> Result<bool, AggregatorError> {
+        let rk = self.rounds.entry(round).or_insert_with(|| RoundKeys {
+            table: Vec::new(),
+            keys: HashMap::new(),
+            listed: std::collections::HashSet::new(),
+        });
+        let rng = ring::rand::SystemRandom::new();
+        let mut added = 0usize;
+        for id in eligible {
+            if rk.listed.contains(id) || !selection.includes(job, round, id) {
+                continue;
             }
-            tracing::debug!(job, round, devices = keys.len(), "recipient keys generated");
-            slot.insert(RoundKeys { table, keys });
+            let key = OpeningKey::generate(&rng).map_err(AggregatorError::Proto)?;
+            seal::recipients::push(&mut rk.table, id, key.public())
+                .map_err(AggregatorError::Proto)?;
+            rk.keys.insert(id.clone(), key);
+            rk.listed.insert(id.clone());
+            added += 1;
         }
-        let oldest = round.saturating_sub(KEEP_ROUNDS - 1);
+        if added > 0 {
+            tracing::debug!(
+                job,
+                round,
+                added,
+                devices = rk.listed.len(),
+                "recipient keys generated"
+            );
+            if rk.table.len() > TABLE_WARN_BYTES {
+                tracing::warn!(
+                    job,
+                    round,
+                    bytes = rk.table.len(),
+                    "the recipient table is large: agents need limits.max_message_bytes above the announcement's size"
+                );
+            }
+        }
+        let oldest = round.saturating_sub(keep.max(KEEP_ROUNDS) - 1);
         self.rounds.retain(|r, _| *r >= oldest);
-        Ok(())
+        Ok(added > 0)
     }
 
-    /// The recipient table announced for `round` (empty when none was made).
-    pub fn table(&self, round: u64) -> &[u8] {
-        self.rounds.get(&round).map_or(&[], |r| r.table.as_slice())
+    /// The recipient table announced for `round`: `None` when no keys were made for it.
+    pub fn table(&self, round: u64) -> Option<&[u8]> {
+        self.rounds.get(&round).map(|r| r.table.as_slice())
     }
 
     /// Unspent keys of `round`.
@@ -133,13 +163,16 @@ mod tests {
     #[test]
     fn keys_are_per_device_and_round_and_spent_once() {
         let mut s = Sealing::default();
-        s.ensure("j", 1, &Selection::All, &ids(3)).expect("keys");
-        let table = s.table(1).to_vec();
+        s.ensure("j", 1, &Selection::All, &ids(3), 8).expect("keys");
+        let table = s.table(1).expect("table").to_vec();
         assert_eq!(seal::recipients::count(&table), Ok(3));
-        s.ensure("j", 1, &Selection::All, &ids(3)).expect("again");
+        assert!(
+            !s.ensure("j", 1, &Selection::All, &ids(3), 8)
+                .expect("again")
+        );
         assert_eq!(
             s.table(1),
-            table.as_slice(),
+            Some(table.as_slice()),
             "same keys on a re-announcement"
         );
         let k1 = seal::recipients::find(&table, "d1")
@@ -164,24 +197,32 @@ mod tests {
     #[test]
     fn a_wrong_binding_spends_the_key_and_old_rounds_are_pruned() {
         let mut s = Sealing::default();
-        s.ensure("j", 1, &Selection::All, &ids(1)).expect("keys");
-        let k = seal::recipients::find(s.table(1), "d0")
+        s.ensure("j", 1, &Selection::All, &ids(1), 8).expect("keys");
+        let k = seal::recipients::find(s.table(1).expect("table"), "d0")
             .expect("table")
             .expect("d0");
         let wire = seal::seal(&k, &seal::associated_data("j", 2, "d0"), b"x").expect("seal");
         let e = s.open("j", "d0", 1, &wire).expect_err("bound to round 2");
         assert!(e.detail.contains("does not decrypt"), "{}", e.detail);
         assert_eq!(s.unspent(1), 0);
+        // A device registered later gets a key; the spent one is not replaced.
+        assert!(s.ensure("j", 1, &Selection::All, &ids(2), 8).expect("more"));
+        assert_eq!(s.unspent(1), 1);
+        assert_eq!(s.table(1).map(seal::recipients::count), Some(Ok(2)));
         for r in 2..=20 {
-            s.ensure("j", r, &Selection::All, &ids(1)).expect("keys");
+            s.ensure("j", r, &Selection::All, &ids(1), 8).expect("keys");
         }
-        assert!(s.table(12).is_empty());
-        assert!(!s.table(13).is_empty());
+        assert!(s.table(12).is_none());
+        assert!(s.table(13).is_some());
+        s.ensure("j", 21, &Selection::All, &ids(1), 12)
+            .expect("keys");
+        assert!(s.table(13).is_some(), "the late policy keeps more");
+        assert!(s.table(9).is_none());
         let none = Selection::Sample {
             seed: 1,
             fraction_ppm: 0,
         };
-        s.ensure("j", 21, &none, &ids(4)).expect("keys");
-        assert!(s.table(21).is_empty());
+        s.ensure("j", 22, &none, &ids(4), 8).expect("keys");
+        assert_eq!(s.table(22), Some(&[][..]), "sealed, nobody listed");
     }
 }

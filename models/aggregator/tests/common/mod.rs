@@ -68,8 +68,8 @@ pub struct Announce {
     pub param_count: u32,
     pub selection: Selection,
     pub deadline_unix_ms: u64,
-    /// The recipient table (empty: updates travel in clear).
-    pub recipients: Vec<u8>,
+    /// The recipient table (`None`: updates travel in clear).
+    pub recipients: Option<Vec<u8>>,
 }
 
 /// An ack, owned.
@@ -207,12 +207,13 @@ impl Device {
                     param_count: a.param_count,
                     selection: a.selection,
                     deadline_unix_ms: a.deadline_unix_ms,
-                    recipients: a.recipients.to_vec(),
+                    recipients: a.recipients.map(<[u8]>::to_vec),
                 })
             })
             .await;
-        self.recipient =
-            fedge_proto::seal::recipients::find(&a.recipients, &self.id).expect("recipient table");
+        self.recipient = a.recipients.as_ref().and_then(|t| {
+            fedge_proto::seal::recipients::find(t, &self.id).expect("recipient table")
+        });
         a
     }
 
