@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use fedge_proto::chunk::{Chunk, ChunkManifest};
 use fedge_proto::envelope::{decode, encode};
-use fedge_proto::msg::{Ack, Command, Outcome, Phase, Reason, RoundAnnounce, Status, Update};
+use fedge_proto::msg::{
+    Ack, Command, Outcome, Phase, Reason, RoundAnnounce, SecAggMsg, Status, Update,
+};
 use fedge_proto::replay::Freshness;
 use fedge_proto::topic::{self, Topic};
 use fedge_proto::{Envelope, Kind, ProtoError, Signer, check_id};
@@ -116,6 +118,9 @@ pub struct Agent {
     /// Sealed updates not yet acknowledged, per job: (seq, the update), kept to seal again if
     /// the aggregator announces the same round with a new key (it restarted). Memory only.
     resealable: std::collections::BTreeMap<String, (u64, Trained)>,
+    /// Secure aggregation rounds in progress, per job. Memory only: the session keys never
+    /// touch the disk.
+    secure: std::collections::BTreeMap<String, crate::secure::SecureTask>,
 }
 
 /// A signed `Status` envelope (the retained status and the last will).
@@ -145,6 +150,7 @@ impl Agent {
     /// When a topic name cannot be built (invalid ids are refused by config validation first).
     pub fn new(cfg: &Config, trust: Trust, parts: Parts, now: Now) -> Result<Self, ProtoError> {
         let (fleet, device) = (cfg.fleet.as_str(), cfg.device_id.as_str());
+        let key = parts.signer.public_key().0;
         let transfer = Transfer::resume(&parts.chunks_root).and_then(|t| {
             let done = parts
                 .model
@@ -191,10 +197,11 @@ impl Agent {
             flush_at_ms: None,
             recorder: Recorder::default(),
             stats: parts.stats,
-            learner: parts.learner,
+            learner: parts.learner.map(|l| l.with_key(key)),
             learn_subscribed: false,
             max_packet: cfg.broker.max_packet_bytes,
             resealable: std::collections::BTreeMap::new(),
+            secure: std::collections::BTreeMap::new(),
         })
     }
 
@@ -420,10 +427,12 @@ impl Agent {
     }
 
     fn on_cmd(&mut self, t: &Topic<'_>, payload: &[u8], now: Now, out: &mut Vec<Action>) {
-        let env = match self
-            .trust
-            .open(payload, self.limits.max_message_bytes, Some(t))
-        {
+        let bound = self
+            .secure
+            .values()
+            .map(crate::secure::SecureTask::max_relay)
+            .fold(self.limits.max_message_bytes, usize::max);
+        let env = match self.trust.open(payload, bound, Some(t)) {
             Ok(env) => env,
             Err(r) => return self.reject(r, now),
         };
@@ -460,6 +469,16 @@ impl Agent {
             Kind::Ack => match decode::<Ack<'_>>(env.payload) {
                 Ok(a) => self.on_ack(&a, now),
                 Err(e) => self.reject(Rejection::new(Reason::Malformed, format!("ack: {e}")), now),
+            },
+            Kind::SecAgg => match decode::<SecAggMsg<'_>>(env.payload) {
+                Ok(m) => {
+                    self.on_secagg(&m, now);
+                    self.pump(out);
+                }
+                Err(e) => self.reject(
+                    Rejection::new(Reason::Malformed, format!("secure aggregation: {e}")),
+                    now,
+                ),
             },
             _ => tracing::debug!(kind = ?env.kind, seq = env.seq, "ignored on the command topic"),
         }
@@ -578,6 +597,172 @@ impl Agent {
             _ => {}
         }
         self.reseal(&a, now);
+        self.resession(&a, now);
+        self.pump(out);
+    }
+
+    /// A secure aggregation round in progress and a new announcement of its job: the round
+    /// moved on (the task ends), or the aggregator restarted and runs it again under a new
+    /// session, which this device joins with the update it already trained.
+    fn resession(&mut self, a: &RoundAnnounce<'_>, now: Now) {
+        let Some(task) = self.secure.get(a.job) else {
+            return;
+        };
+        if a.round != task.round() || a.phase != Phase::Open {
+            if a.round > task.round() || a.phase == Phase::Finished {
+                self.secure.remove(a.job);
+            }
+            return;
+        }
+        let Some(s) = a.secagg else {
+            return;
+        };
+        if s.session == task.session() {
+            return;
+        }
+        let setup = match crate::fl::secure_setup(a, &s) {
+            Ok(setup) => crate::fl::SecureSetup(Arc::new(setup)),
+            Err(r) => {
+                self.secure.remove(a.job);
+                return self.reject(r, now);
+            }
+        };
+        let Some(task) = self.secure.remove(a.job) else {
+            return;
+        };
+        tracing::info!(
+            job = a.job,
+            round = a.round,
+            session = s.session,
+            "secure aggregation runs again under a new session: joining it"
+        );
+        Stats::bump(&self.stats.secagg_rejoined);
+        let mut t = task.into_trained();
+        if let Some((old, _)) = &mut t.secagg {
+            *old = setup;
+        }
+        self.start_secure(t, now);
+    }
+
+    /// Training ended for a secure aggregation round: join the session (stage 1).
+    fn start_secure(&mut self, t: Trained, now: Now) {
+        let key = self.signer.public_key().0;
+        match crate::secure::SecureTask::start(t, &key, self.signer.key_pair()) {
+            Ok((task, keys)) => {
+                let (job, round) = (task.job().to_string(), task.round());
+                if self.send_secagg(&task, keys, now) {
+                    Stats::bump(&self.stats.rounds_trained);
+                    if let Some(Err(e)) = self.learner.as_mut().map(|l| l.on_queued(&job, round, 0))
+                    {
+                        tracing::warn!(error = %e, "submitted round not persisted");
+                    }
+                    self.secure.insert(job, task);
+                }
+            }
+            Err(r) => self.reject(r, now),
+        }
+    }
+
+    /// A relay of the aggregator for a secure aggregation round: the next stage's message.
+    fn on_secagg(&mut self, m: &SecAggMsg<'_>, now: Now) {
+        let Some(task) = self.secure.get_mut(m.job) else {
+            return tracing::debug!(
+                job = m.job,
+                round = m.round,
+                "secure aggregation relay for no round in progress"
+            );
+        };
+        if m.round != task.round() || m.session != task.session() {
+            return tracing::debug!(
+                job = m.job,
+                round = m.round,
+                "secure aggregation relay of another session ignored"
+            );
+        }
+        let step = task.step(m, self.signer.key_pair());
+        match step {
+            Ok(Some(reply)) => {
+                let done = reply.step == fedge_proto::msg::SecAggStep::Reveals;
+                if let Some(task) = self.secure.remove(m.job) {
+                    let sent = self.send_secagg(&task, reply, now);
+                    if done && sent {
+                        Stats::bump(&self.stats.secagg_completed);
+                        tracing::info!(
+                            job = m.job,
+                            round = m.round,
+                            "secure aggregation: shares revealed, round done for this device"
+                        );
+                    } else if sent {
+                        self.secure.insert(m.job.to_string(), task);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(r) => {
+                self.secure.remove(m.job);
+                self.reject(r, now);
+            }
+        }
+    }
+
+    /// Queues a secure aggregation message; `false` when it could not be.
+    fn send_secagg(
+        &mut self,
+        task: &crate::secure::SecureTask,
+        reply: crate::secure::Reply,
+        now: Now,
+    ) -> bool {
+        let m = SecAggMsg {
+            job: task.job(),
+            round: task.round(),
+            session: task.session(),
+            step: reply.step,
+            ids: &[],
+            body: &reply.body,
+        };
+        let (payload, topic) = match (
+            encode(&m),
+            topic::job_update(&self.fleet, task.job(), &self.device),
+        ) {
+            (Ok(p), Ok(topic)) => (p, topic.to_string()),
+            (Err(e), _) | (_, Err(e)) => {
+                self.reject(
+                    Rejection::new(Reason::Internal, format!("secure aggregation: {e}")),
+                    now,
+                );
+                return false;
+            }
+        };
+        if payload.len() + CHUNK_OVERHEAD + topic.len() > self.max_packet {
+            let detail = format!(
+                "secure aggregation message of {} bytes does not fit broker.max_packet_bytes = {}",
+                payload.len(),
+                self.max_packet
+            );
+            self.reject(Rejection::new(Reason::Oversize, detail), now);
+            return false;
+        }
+        match self.enqueue(
+            Class::Reliable,
+            &topic,
+            Kind::SecAgg,
+            task.round(),
+            &payload,
+            now,
+        ) {
+            Ok(seq) => {
+                Stats::add(&self.stats.update_bytes, payload.len() as u64);
+                tracing::debug!(job = task.job(), round = task.round(), seq, step = ?reply.step, bytes = payload.len(), "secure aggregation message queued");
+                true
+            }
+            Err(e) => {
+                self.reject(
+                    Rejection::new(Reason::Storage, format!("secure aggregation: {e}")),
+                    now,
+                );
+                false
+            }
+        }
     }
 
     /// A sealed update of this round still waits for its ack and the announcement now lists
@@ -655,6 +840,16 @@ impl Agent {
     /// The aggregator's answer to an update. A refusal is reported as an event carrying the
     /// aggregator's reason.
     fn on_ack(&mut self, a: &Ack<'_>, now: Now) {
+        if a.kind == Kind::SecAgg {
+            if let Outcome::Rejected(reason) = a.outcome {
+                let detail = format!(
+                    "secure aggregation message of round {} refused by the aggregator: {}",
+                    a.round, a.detail
+                );
+                self.reject(Rejection::new(reason, detail), now);
+            }
+            return;
+        }
         if a.kind != Kind::Update {
             return tracing::debug!(kind = ?a.kind, seq = a.seq, "ack ignored");
         }
@@ -688,6 +883,7 @@ impl Agent {
     pub fn on_train_done(&mut self, result: Result<Trained, Failure>, now: Now) -> Vec<Action> {
         let mut out = Vec::new();
         match result {
+            Ok(t) if t.secagg.is_some() => self.start_secure(t, now),
             Ok(t) => self.submit_update(&t, now, false),
             Err(f) => self.reject(
                 Rejection::new(f.reason, format!("training: {}", f.detail)),

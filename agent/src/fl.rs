@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
+use fedge_fl::secagg::{Params, RoundSetup};
 use fedge_proto::chunk::{Assembly, Chunk, ChunkManifest};
-use fedge_proto::msg::{Codec, Hyper, Phase, Reason, RoundAnnounce};
+use fedge_proto::msg::{Codec, Hyper, Phase, Reason, RoundAnnounce, SecAggSetup};
 use fedge_runtime::train::data::{self, Dataset};
 use fedge_runtime::train::{Head, HeadKind, TrainConfig};
 use serde::{Deserialize, Serialize};
@@ -43,7 +44,19 @@ pub struct Announced {
     pub hyper: Hyper,
     /// The aggregator's key to seal the update to (rounds that encrypt updates).
     pub recipient: Option<[u8; 32]>,
+    /// The round runs secure aggregation: the session this device is in.
+    pub secagg: Option<SecureSetup>,
 }
+
+impl PartialEq for SecureSetup {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.hash() == other.0.hash()
+    }
+}
+
+/// A secure aggregation session, compared by its round hash.
+#[derive(Debug, Clone)]
+pub struct SecureSetup(pub Arc<RoundSetup>);
 
 /// What one training run needs; handed to the service to run off the reactor.
 #[derive(Debug, Clone)]
@@ -58,6 +71,7 @@ pub struct TrainJob {
     /// The shuffling seed of this run (config seed, device, job and round).
     pub seed: u64,
     pub recipient: Option<[u8; 32]>,
+    pub secagg: Option<SecureSetup>,
 }
 
 /// The result of a training run, ready to be sealed as an `Update`.
@@ -73,6 +87,9 @@ pub struct Trained {
     pub delta: Vec<u8>,
     /// Seal the update to this key (see [`Announced::recipient`]).
     pub recipient: Option<[u8; 32]>,
+    /// Secure aggregation rounds: the session, and the update in clear (clipped and noised as
+    /// the round asks; `delta` is then empty). It never leaves the device unmasked.
+    pub secagg: Option<(SecureSetup, Vec<f32>)>,
 }
 
 #[derive(Debug)]
@@ -107,9 +124,18 @@ pub struct Learner {
     pending: BTreeMap<String, Announced>,
     /// Seq of the last update queued per job, to pair acks.
     awaiting: BTreeMap<u64, (String, u64)>,
+    /// This device's Ed25519 public key (its place in secure aggregation rosters).
+    key: [u8; 32],
 }
 
 impl Learner {
+    /// Sets this device's public key, which secure aggregation rosters list.
+    #[must_use]
+    pub fn with_key(mut self, key: [u8; 32]) -> Self {
+        self.key = key;
+        self
+    }
+
     /// Opens the client's persisted state (`learn.json` in `data_dir`).
     ///
     /// # Errors
@@ -142,6 +168,7 @@ impl Learner {
             task: None,
             pending: BTreeMap::new(),
             awaiting: BTreeMap::new(),
+            key: [0; 32],
         })
     }
 
@@ -226,6 +253,20 @@ impl Learner {
                 }
             },
         };
+        let secagg = match a.secagg {
+            None => None,
+            Some(s) => match secure_setup(a, &s)? {
+                setup if setup.index_of(&self.key).is_some() => Some(SecureSetup(Arc::new(setup))),
+                _ => {
+                    tracing::info!(
+                        job = a.job,
+                        round = a.round,
+                        "the round runs secure aggregation without this device: sitting it out"
+                    );
+                    return Ok(false);
+                }
+            },
+        };
         let ann = Announced {
             job: a.job.into(),
             round: a.round,
@@ -235,6 +276,7 @@ impl Learner {
             codec: a.codec,
             hyper: a.hyper,
             recipient,
+            secagg,
         };
         match &self.task {
             Some(t) if t.a.job == ann.job && t.a.round >= ann.round => Ok(false),
@@ -343,6 +385,7 @@ impl Learner {
             hyper: a.hyper,
             seed: run_seed(self.cfg.seed, &self.device, &a.job, a.round),
             recipient: a.recipient,
+            secagg: a.secagg.clone(),
         };
         self.task = Some(Task {
             a,
@@ -410,6 +453,41 @@ fn check_announce(a: &RoundAnnounce<'_>) -> Result<(), Rejection> {
         ));
     }
     Ok(())
+}
+
+/// The secure aggregation session an announcement describes.
+///
+/// # Errors
+/// `Malformed` for a roster that is not whole keys or parameters the protocol refuses.
+pub fn secure_setup(a: &RoundAnnounce<'_>, s: &SecAggSetup<'_>) -> Result<RoundSetup, Rejection> {
+    let bad = |what: String| {
+        Rejection::new(
+            Reason::Malformed,
+            format!("round {} of {}: secure aggregation: {what}", a.round, a.job),
+        )
+    };
+    if s.roster.len() % 32 != 0 {
+        return Err(bad(format!("a roster of {} bytes", s.roster.len())));
+    }
+    let roster = s
+        .roster
+        .chunks_exact(32)
+        .map(|c| {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(c);
+            k
+        })
+        .collect();
+    let params = Params {
+        len: a.param_count as usize,
+        neighbours: s.neighbours as usize,
+        threshold: s.threshold as usize,
+        clip: s.clip,
+        quant_bits: u32::from(s.quant_bits),
+        mod_bits: u32::from(s.mod_bits),
+    };
+    RoundSetup::with_session(a.job, a.round, s.session, roster, params)
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// The shuffling seed of a run: sha256 of the configured seed, device, job and round.
@@ -580,6 +658,19 @@ pub fn train_round(
     let mut delta = fedge_fl::delta(head.params(), &job.params)
         .map_err(|e| Failure::new(Reason::Internal, e.to_string()))?;
     privatize(&mut delta, &job.hyper)?;
+    if let Some(setup) = &job.secagg {
+        return Ok(Trained {
+            job: job.job.clone(),
+            round: job.round,
+            version: job.version,
+            num_samples: report.samples as u64,
+            loss: report.loss,
+            accuracy: report.accuracy,
+            delta: Vec::new(),
+            recipient: None,
+            secagg: Some((setup.clone(), delta)),
+        });
+    }
     let codec = match job.codec {
         Codec::F32 => fedge_fl::Codec::F32,
         Codec::F16 => fedge_fl::Codec::F16,
@@ -597,6 +688,7 @@ pub fn train_round(
         accuracy: report.accuracy,
         delta,
         recipient: job.recipient,
+        secagg: None,
     })
 }
 
@@ -668,6 +760,7 @@ mod tests {
             hyper: hyper(),
             deadline_unix_ms: 0,
             recipients: None,
+            secagg: None,
         }
     }
 
@@ -813,6 +906,7 @@ mod tests {
             hyper: hyper(),
             seed: 0,
             recipient: None,
+            secagg: None,
         };
         let f = train_round(&job, &c, &DataCache::default()).expect_err("bound");
         assert_eq!(f.reason, Reason::Oversize);

@@ -36,6 +36,7 @@ pub mod infer;
 pub mod inflight;
 pub mod link;
 pub mod outbox;
+pub mod secure;
 pub mod selftest;
 pub mod seq;
 pub mod service;

@@ -44,6 +44,10 @@ pub struct Stats {
     pub updates_refused: AtomicU64,
     /// Sealed updates sealed again to a new key after an aggregator restart.
     pub updates_resealed: AtomicU64,
+    /// Secure aggregation rounds this device finished (revealed its shares), and sessions it
+    /// joined again after the aggregator restarted one.
+    pub secagg_completed: AtomicU64,
+    pub secagg_rejoined: AtomicU64,
     /// Bytes of update envelopes queued, and of global-model chunks stored.
     pub update_bytes: AtomicU64,
     pub model_bytes: AtomicU64,

@@ -52,7 +52,9 @@ impl Trust {
                 (self.aggregator.as_ref(), &self.aggregator_id)
             }
             Kind::Command | Kind::Bundle | Kind::Chunk => (Some(&self.operator), &self.operator_id),
-            Kind::Ack | Kind::RoundAnnounce => (self.aggregator.as_ref(), &self.aggregator_id),
+            Kind::Ack | Kind::RoundAnnounce | Kind::SecAgg => {
+                (self.aggregator.as_ref(), &self.aggregator_id)
+            }
             Kind::Status | Kind::Telemetry | Kind::Update => (None, &None),
         };
         let sender = u.sender();

@@ -30,6 +30,9 @@ pub enum Kind {
     Ack,
     /// [`crate::msg::Bundle`]: a model release signed by the operator (carried in chunks).
     Bundle,
+    /// [`crate::msg::SecAggMsg`]: a secure-aggregation message, from a device on
+    /// `job/{job}/update/{device}` or relayed by the aggregator on `dev/{device}/cmd`.
+    SecAgg,
 }
 
 /// A decoded envelope. The payload is the postcard encoding of the message its [`Kind`] names.

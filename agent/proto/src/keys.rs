@@ -104,6 +104,11 @@ impl Signer {
         PublicKey(k)
     }
 
+    /// The Ed25519 key pair, for protocols that sign with `ring` directly (secure aggregation).
+    pub fn key_pair(&self) -> &Ed25519KeyPair {
+        &self.pair
+    }
+
     /// Signs `msg`.
     pub fn sign(&self, msg: &[u8]) -> [u8; SIGNATURE_LEN] {
         let mut out = [0u8; SIGNATURE_LEN];

@@ -291,6 +291,67 @@ pub struct RoundAnnounce<'a> {
     /// each listed device must seal its update to its key, an unlisted one sits the round out.
     #[serde(borrow)]
     pub recipients: Option<&'a [u8]>,
+    /// `Some`: the round runs secure aggregation (SecAgg+) among the listed devices instead of
+    /// collecting updates; see [`SecAggSetup`].
+    #[serde(borrow)]
+    pub secagg: Option<SecAggSetup<'a>>,
+}
+
+/// The secure-aggregation session of a round, as announced. With the job and round it fixes the
+/// `fedge_fl::secagg::RoundSetup` every party computes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SecAggSetup<'a> {
+    /// Chosen by the aggregator for each run of the protocol: a round run again after an
+    /// aggregator restart has a new session, and messages of the old one verify in neither.
+    pub session: u64,
+    /// Neighbours per device (k).
+    pub neighbours: u32,
+    /// Shares needed to rebuild a seed (t).
+    pub threshold: u32,
+    /// Each value of an update is clipped to `[-clip, clip]` before quantisation.
+    pub clip: f32,
+    pub quant_bits: u8,
+    pub mod_bits: u8,
+    /// The devices' Ed25519 public keys, 32 bytes each, in roster order (a device's index is
+    /// its position).
+    pub roster: &'a [u8],
+}
+
+/// One step of the SecAgg+ protocol. Devices send the first five; the aggregator relays the
+/// last four to each device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecAggStep {
+    /// Stage 1, device: its signed keys, one per neighbour.
+    Keys,
+    /// Stage 2, device: its share items, one per neighbour.
+    Shares,
+    /// Stage 3, device: its masked input.
+    Masked,
+    /// Stage 4, device: its signature over the survivor list.
+    Confirmation,
+    /// Stage 5, device: its revealed shares.
+    Reveals,
+    /// To a device: its neighbours' keys addressed to it.
+    NeighbourKeys,
+    /// To a device: the devices that shared (`ids`) and the share items addressed to it.
+    NeighbourShares,
+    /// To a device: the devices whose masked inputs arrived (`ids`).
+    Survivors,
+    /// To a device: every survivor's confirmation.
+    Confirmations,
+}
+
+/// A SecAgg+ message in an envelope of kind [`crate::Kind::SecAgg`]. `body` is the
+/// `fedge_fl::secagg::wire` encoding of the step's message, signed inside by its author.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggMsg<'a> {
+    pub job: &'a str,
+    pub round: u64,
+    pub session: u64,
+    pub step: SecAggStep,
+    /// Device indices (`fedge_fl::secagg::wire::encode_ids`), for the steps that carry a list.
+    pub ids: &'a [u8],
+    pub body: &'a [u8],
 }
 
 /// A device's contribution on `job/{job}/update/{device}`.
@@ -373,6 +434,15 @@ mod tests {
                 2, b'd', b'1', 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
                 7, 7, 7, 7, 7, 7, 7, 7, 7,
             ]),
+            secagg: Some(SecAggSetup {
+                session: 9,
+                neighbours: 2,
+                threshold: 2,
+                clip: 0.5,
+                quant_bits: 16,
+                mod_bits: 18,
+                roster: &[5; 96],
+            }),
         };
         let n = encode_into(&a, &mut buf).expect("encode").len();
         assert_eq!(decode::<RoundAnnounce<'_>>(&buf[..n]), Ok(a));

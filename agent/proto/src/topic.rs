@@ -221,11 +221,11 @@ impl<'a> Topic<'a> {
         match self {
             Self::DevStatus { .. } => kind == Kind::Status,
             Self::DevTelemetry { .. } => kind == Kind::Telemetry,
-            Self::DevCmd { .. } => matches!(kind, Kind::Command | Kind::Ack),
+            Self::DevCmd { .. } => matches!(kind, Kind::Command | Kind::Ack | Kind::SecAgg),
             Self::DevDesired { .. } => kind == Kind::Command,
             Self::JobRound { .. } => kind == Kind::RoundAnnounce,
             Self::JobModelChunk { .. } | Self::BundleChunk { .. } => kind == Kind::Chunk,
-            Self::JobUpdate { .. } => kind == Kind::Update,
+            Self::JobUpdate { .. } => matches!(kind, Kind::Update | Kind::SecAgg),
         }
     }
 }

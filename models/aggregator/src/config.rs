@@ -146,6 +146,63 @@ pub struct JobSpec {
     /// (X25519 → HKDF-SHA256 → ChaCha20-Poly1305): the broker sees only ciphertext.
     #[serde(default)]
     pub encrypt_updates: bool,
+    /// Secure aggregation (SecAgg+): the devices mask their updates so that the aggregator
+    /// learns only their sum (`docs/secagg.md`).
+    #[serde(default)]
+    pub secure_aggregation: Option<SecureAggSpec>,
+}
+
+/// `secure_aggregation = { clip = 0.05 }`, with optional `stage_ms`, `dropout` and
+/// `quant_bits`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggSpec {
+    /// Each value of a device's update is clipped to `[-clip, clip]` before 16-bit
+    /// quantisation: pick it just above the largest value an update holds.
+    pub clip: f32,
+    /// How long each stage after the first waits for the devices (the first, in which devices
+    /// train and advertise their keys, lasts the job's `deadline_ms`). A stage closes early once
+    /// every device it waits for has answered.
+    #[serde(default = "default_stage_ms")]
+    pub stage_ms: u64,
+    /// The fraction of devices expected to drop out during a round; the neighbour graph is made
+    /// dense enough that the round survives it with probability 1 − 10⁻⁶. Unset: the default
+    /// graph (`k = 2⌈3.5 log₂ n⌉`).
+    #[serde(default)]
+    pub dropout: Option<f64>,
+    /// Bits per quantised value.
+    #[serde(default = "default_quant_bits")]
+    pub quant_bits: u32,
+}
+
+fn default_stage_ms() -> u64 {
+    10_000
+}
+
+fn default_quant_bits() -> u32 {
+    16
+}
+
+impl SecureAggSpec {
+    /// The protocol parameters for a round of `devices` devices and `len` values.
+    ///
+    /// # Errors
+    /// Too few devices (at least 3), or parameters the protocol refuses.
+    pub fn params(
+        &self,
+        devices: usize,
+        len: usize,
+    ) -> Result<fedge_fl::secagg::Params, fedge_fl::secagg::SecAggError> {
+        use fedge_fl::secagg::Params;
+        let mut p = match self.dropout {
+            Some(d) => Params::for_dropout(devices, len, self.clip, d, 1e-6)?,
+            None => Params::new(devices, len, self.clip)?,
+        };
+        p.mod_bits = self.quant_bits + (devices as f64).log2().ceil() as u32;
+        p.quant_bits = self.quant_bits;
+        p.validate(devices)?;
+        Ok(p)
+    }
 }
 
 /// `central_dp = { clip_norm = 1.0, noise_multiplier = 1.0 }`.
@@ -163,6 +220,16 @@ impl JobSpec {
             || self.central_dp.is_some()
     }
 }
+
+/// The strategies that only need the (weighted) mean of the updates.
+const AVERAGING: [&str; 6] = [
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+];
 
 fn default_dp_delta() -> f64 {
     1e-5
@@ -448,21 +515,16 @@ impl JobSpec {
             if !(ok(c.clip_norm) && ok(c.noise_multiplier)) {
                 return bad("central_dp: clip_norm and noise_multiplier must be positive");
             }
-            let averaging = [
-                "fedavg",
-                "fedprox",
-                "fedavgm",
-                "fedadam",
-                "fedyogi",
-                "fedadagrad",
-            ];
-            if !averaging.contains(&self.strategy.name.as_str()) {
+            if !AVERAGING.contains(&self.strategy.name.as_str()) {
                 return bad(
                     "central_dp replaces the updates by their noised mean: use an averaging \
                      strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad), not a \
                      robust one",
                 );
             }
+        }
+        if let Some(sa) = self.secure_aggregation {
+            self.validate_secagg(&sa)?;
         }
         if let Some(n) = &self.model_name {
             check_id("jobs.model_name", n)?;
@@ -495,6 +557,52 @@ impl JobSpec {
             ModelSource::Zeros(0) => bad("model.zeros must be at least 1"),
             _ => Ok(()),
         }
+    }
+
+    fn validate_secagg(&self, sa: &SecureAggSpec) -> Result<(), ConfigError> {
+        let bad = |what: &str| {
+            Err(ConfigError::Invalid(format!(
+                "job {}: secure_aggregation: {what}",
+                self.id
+            )))
+        };
+        if !(sa.clip.is_finite() && sa.clip > 0.0) {
+            return bad("clip must be a positive number");
+        }
+        if sa.stage_ms == 0 {
+            return bad("stage_ms must be at least 1");
+        }
+        if !(1..=24).contains(&sa.quant_bits) {
+            return bad("quant_bits must be in 1..=24");
+        }
+        if let Some(d) = sa.dropout
+            && !(0.0..1.0).contains(&d)
+        {
+            return bad("dropout must be in [0, 1)");
+        }
+        if !AVERAGING.contains(&self.strategy.name.as_str()) {
+            return bad(
+                "the aggregator sees only the sum of the updates: use an averaging strategy \
+                 (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad)",
+            );
+        }
+        if self.encrypt_updates {
+            return bad(
+                "masked inputs reveal nothing on their own: encrypt_updates does not apply",
+            );
+        }
+        if self.late_policy != LatePolicy::Reject {
+            return bad("late updates cannot join a sum already unmasked: use late_policy reject");
+        }
+        if let Some(c) = self.central_dp
+            && !(self.hyper.clip_norm > 0.0 && self.hyper.clip_norm <= c.clip_norm)
+        {
+            return bad(
+                "with central_dp the aggregator cannot clip masked updates: set hyper.clip_norm \
+                 (the devices clip) to at most central_dp.clip_norm",
+            );
+        }
+        Ok(())
     }
 
     /// The initial parameters (reads the file for [`ModelSource::File`]).

@@ -64,6 +64,9 @@ pub struct JobRun {
     failed_at: Option<u32>,
     /// Recipient keys of sealed updates (`encrypt_updates` jobs), in memory only.
     pub sealing: crate::sealing::Sealing,
+    /// The secure aggregation session of the open round (`secure_aggregation` jobs), in
+    /// memory only.
+    pub secure: Option<crate::secure::Session>,
 }
 
 impl JobRun {
@@ -86,6 +89,7 @@ impl JobRun {
             global,
             failed_at: None,
             sealing: crate::sealing::Sealing::default(),
+            secure: None,
         })
     }
 
@@ -105,7 +109,64 @@ impl JobRun {
     /// Largest update envelope accepted: an f32 delta of the model plus headroom (which covers
     /// the sealing overhead).
     pub fn max_envelope(&self) -> usize {
-        self.rec.param_count as usize * 4 + ENVELOPE_HEADROOM
+        let update = self.rec.param_count as usize * 4 + ENVELOPE_HEADROOM;
+        self.secure
+            .as_ref()
+            .map_or(update, |s| update.max(s.max_envelope()))
+    }
+
+    /// For `secure_aggregation` jobs, starts a session for the open round when it has none
+    /// (the round just opened, or the aggregator restarted): the roster is every selected,
+    /// registered device now. Returns whether one started; too few devices is logged and
+    /// tried again at the next tick.
+    fn ensure_session(&mut self, store: &Store, now: u64) -> Result<bool, AggregatorError> {
+        let (Some(spec), Some(r)) = (self.rec.spec.secure_aggregation, self.round.as_ref()) else {
+            return Ok(false);
+        };
+        if self.secure.as_ref().is_some_and(|s| s.round == r.round) {
+            return Ok(false);
+        }
+        self.secure = None;
+        let txn = store.begin()?;
+        let mut roster = Vec::new();
+        for id in txn.eligible_devices()? {
+            if !r.selection.includes(&self.rec.spec.id, r.round, &id) {
+                continue;
+            }
+            let key = txn
+                .device(&id)?
+                .and_then(|d| PublicKey::from_hex(&d.public_key).ok());
+            if let Some(k) = key {
+                roster.push((id, k.0));
+            }
+        }
+        drop(txn);
+        let deadline = r
+            .deadline_unix_ms
+            .max(now.saturating_add(self.rec.spec.deadline_ms));
+        let n = roster.len();
+        match crate::secure::Session::start(
+            &self.rec.spec.id,
+            r.round,
+            roster,
+            &spec,
+            self.rec.param_count as usize,
+            deadline,
+        ) {
+            Ok(s) => {
+                let p = s.params();
+                tracing::info!(job = %self.rec.spec.id, round = r.round, session = s.session, devices = n, neighbours = p.neighbours, threshold = p.threshold, "secure aggregation session started");
+                self.secure = Some(s);
+                Ok(true)
+            }
+            Err(why) => {
+                if self.failed_at != Some(n as u32) {
+                    tracing::warn!(job = %self.rec.spec.id, round = r.round, devices = n, error = %why, "secure aggregation cannot start yet; waiting for devices");
+                    self.failed_at = Some(n as u32);
+                }
+                Ok(false)
+            }
+        }
     }
 
     /// For `encrypt_updates` jobs, makes sure the open round has a recipient key for every
@@ -258,9 +319,17 @@ impl Engine {
             if v.outcome != Outcome::Accepted {
                 tracing::info!(device = %v.device, seq = v.seq, outcome = ?v.outcome, detail = %v.detail, "update refused");
             }
+            if v.kind == fedge_proto::Kind::SecAgg && !matches!(v.outcome, Outcome::Rejected(_)) {
+                continue;
+            }
             let (fleet, s) = (&self.cfg.fleet, &mut self.sealer);
-            out.push(outgoing::ack(
-                s, fleet, &v.device, v.seq, v.round, v.outcome, &v.detail,
+            out.push(outgoing::ack_of(
+                s,
+                fleet,
+                &v.device,
+                (v.kind, v.seq, v.round),
+                v.outcome,
+                &v.detail,
             )?);
         }
         self.send(out).await?;
@@ -310,6 +379,7 @@ impl Engine {
             return Ok(());
         };
         run.ensure_keys(&self.store)?;
+        run.ensure_session(&self.store, unix_ms())?;
         let fleet = &self.cfg.fleet;
         let number = run
             .round
@@ -326,6 +396,11 @@ impl Engine {
             .sealing
             .table(number)
             .filter(|_| run.rec.spec.encrypt_updates);
+        let secure = run
+            .secure
+            .as_ref()
+            .filter(|s| run.round.as_ref().is_some_and(|r| r.round == s.round))
+            .map(|s| (s.announced(), s.deadline()));
         msgs.push(outgoing::announce(
             &mut self.sealer,
             fleet,
@@ -333,6 +408,7 @@ impl Engine {
             run.round.as_ref(),
             manifest,
             recipients,
+            secure,
         )?);
         self.send(msgs).await
     }
@@ -350,9 +426,11 @@ impl Engine {
 
     async fn close_due_rounds(&mut self) -> Result<(), AggregatorError> {
         let now = unix_ms();
+        self.drive_sessions(now).await?;
         let due: Vec<String> = self
             .jobs
             .iter()
+            .filter(|(_, j)| j.rec.spec.secure_aggregation.is_none())
             .filter(|(_, j)| {
                 j.round.as_ref().is_some_and(|r| {
                     j.failed_at != Some(r.accepted)
@@ -447,6 +525,113 @@ impl Engine {
         self.publish_state(job, clear).await
     }
 
+    /// Moves every secure aggregation session on: starts the missing ones (announcing them),
+    /// closes stages that are due and relays their results, and closes rounds that finished or
+    /// failed.
+    async fn drive_sessions(&mut self, now: u64) -> Result<(), AggregatorError> {
+        let ids: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.rec.spec.secure_aggregation.is_some() && j.round.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for job in ids {
+            let Some(run) = self.jobs.get_mut(&job) else {
+                continue;
+            };
+            if run.secure.is_none() {
+                if run.ensure_session(&self.store, now)? {
+                    self.publish_state(&job, None).await?;
+                }
+                continue;
+            }
+            let Some(session) = run.secure.as_mut() else {
+                continue;
+            };
+            let (round, sid) = (session.round, session.session);
+            match session.poll(now) {
+                crate::secure::Progress::Wait => {}
+                crate::secure::Progress::Relay(relays) => {
+                    let mut out = Vec::with_capacity(relays.len());
+                    for r in relays {
+                        out.push(outgoing::secagg(
+                            &mut self.sealer,
+                            &self.cfg.fleet,
+                            &job,
+                            round,
+                            sid,
+                            &r,
+                        )?);
+                    }
+                    self.send(out).await?;
+                }
+                crate::secure::Progress::Done(agg) => {
+                    self.close_secure_round(&job, now, Ok(*agg)).await?;
+                }
+                crate::secure::Progress::Failed(why) => {
+                    self.close_secure_round(&job, now, Err(why)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes a secure aggregation round: the survivors' mean (with the job's central DP noise)
+    /// goes through the strategy as one update; a failed round keeps the model and says why.
+    async fn close_secure_round(
+        &mut self,
+        job: &str,
+        now: u64,
+        result: Result<fedge_fl::secagg::Aggregate, String>,
+    ) -> Result<(), AggregatorError> {
+        let store = Arc::clone(&self.store);
+        let Some(run) = self.jobs.get_mut(job) else {
+            return Ok(());
+        };
+        let Some(mut round) = run.round.clone() else {
+            return Ok(());
+        };
+        let mut strategy = strategy(&store, &run.rec)?;
+        let t0 = Instant::now();
+        let model = match result.and_then(|agg| {
+            secure_model(&run.rec.spec, &mut strategy, round.round, &run.global, &agg)
+                .map(|m| (m, agg.survivors.len()))
+        }) {
+            Ok((model, survivors)) => {
+                round.accepted = survivors as u32;
+                model
+            }
+            Err(why) => {
+                round.failed = Some(why);
+                run.global.clone()
+            }
+        };
+        let aggregation_s = t0.elapsed().as_secs_f64();
+        round.aggregate_ms = Some(aggregation_s * 1e3);
+        round.epsilon = lifecycle::epsilon_after(&run.rec.spec, round.round);
+        let mut rec = run.rec.clone();
+        let txn = store.begin()?;
+        let next =
+            lifecycle::close_round(&txn, &mut rec, &mut round, &model, &strategy.state(), now)?;
+        txn.commit()?;
+        let round_s = now.saturating_sub(round.opened_unix_ms) as f64 / 1e3;
+        self.stats.round_completed(job, aggregation_s, round_s);
+        tracing::info!(
+            job,
+            round = round.round,
+            survivors = round.accepted,
+            failed = round.failed.as_deref().unwrap_or(""),
+            "secure aggregation round closed"
+        );
+        run.rec = rec;
+        run.round = next;
+        run.global = model;
+        run.failed_at = None;
+        run.secure = None;
+        let clear = round.round.checked_sub(2);
+        self.publish_state(job, clear).await
+    }
+
     async fn handle_command(&mut self, cmd: Command) -> Result<(), AggregatorError> {
         match cmd {
             Command::Register { id, key, reply } => {
@@ -537,6 +722,46 @@ impl Engine {
             .map_err(|e| OpError::Store(StoreError::Db(e.to_string())))?;
         Ok(rec)
     }
+}
+
+/// The model after a secure aggregation round: the survivors' mean update, with central DP
+/// noise on the sum when the job has it (the devices clipped to `hyper.clip_norm`), through the
+/// strategy as one update of weight 1.
+fn secure_model(
+    spec: &JobSpec,
+    strategy: &mut Strategy,
+    round: u64,
+    global: &[f32],
+    agg: &fedge_fl::secagg::Aggregate,
+) -> Result<Vec<f32>, String> {
+    let n = agg.survivors.len();
+    if n == 0 {
+        return Err("no survivors".into());
+    }
+    let mut sum = agg.sum.clone();
+    if let Some(c) = spec.central_dp {
+        use fedge_fl::dp::{CentralDp, Clipping, NoiseRng};
+        let mut dp = CentralDp::new(
+            f64::from(c.noise_multiplier),
+            Clipping::Fixed(f64::from(c.clip_norm)),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut rng = NoiseRng::from_system().map_err(|e| e.to_string())?;
+        dp.noise_sum(&mut sum, n as u64, n as u64, &mut rng)
+            .map_err(|e| e.to_string())?;
+    }
+    let mean = sum.iter().map(|s| s / n as f32).collect();
+    let update = crate::records::StoredUpdate {
+        device: "secure-aggregation".into(),
+        for_round: round,
+        seq: 0,
+        num_samples: 1,
+        staleness_weight: 1.0,
+        loss: f32::NAN,
+        accuracy: f32::NAN,
+        delta: mean,
+    };
+    strategy.aggregate(round, global, &[update], 0)
 }
 
 /// DP-FedAvg's server step: every update clipped to `clip_norm`, summed, Gaussian noise of

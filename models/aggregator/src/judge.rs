@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use fedge_proto::msg::{Outcome, Reason, Update};
+use fedge_proto::msg::{Outcome, Reason, SecAggMsg, Update};
 use fedge_proto::replay::{Freshness, freshness};
 use fedge_proto::topic::Topic;
 use fedge_proto::{Envelope, Kind, ProtoError, PublicKey};
@@ -34,6 +34,9 @@ pub struct Verdict {
     pub accepted_in: Option<String>,
     /// The sequence number was fresh and is now the sender's last.
     pub fresh: bool,
+    /// The envelope's kind: `Update`, or `SecAgg` for secure aggregation messages (acked only
+    /// when refused).
+    pub kind: Kind,
 }
 
 enum Stop {
@@ -93,6 +96,7 @@ pub fn judge(
         detail: String::new(),
         accepted_in: None,
         fresh: false,
+        kind: Kind::Update,
     };
     match judge_envelope(txn, jobs, job, device, wire, &mut v) {
         Ok(()) => {}
@@ -125,8 +129,29 @@ fn judge_envelope(
         v.detail = format!("already accepted in round {counted_in}");
         return Ok(());
     }
+    if env.kind == Kind::SecAgg
+        && txn.last_seq(device)? == Some(env.seq)
+        && txn.last_refusal(device, env.seq)?.is_none()
+    {
+        // Delivered again (QoS 1): it was taken the first time.
+        v.outcome = Outcome::Duplicate;
+        v.detail = "secure aggregation message already taken".into();
+        return Ok(());
+    }
     check_fresh(txn, device, env.seq)?;
     v.fresh = true;
+    if env.kind == Kind::SecAgg {
+        return secure(jobs, job, device, env.payload);
+    }
+    if jobs
+        .get(job)
+        .is_some_and(|r| r.rec.spec.secure_aggregation.is_some())
+    {
+        return Err(reject(
+            Reason::WrongKind,
+            format!("job {job:?} runs secure aggregation: plain updates are not taken"),
+        ));
+    }
     let opened;
     let payload = match jobs.get_mut(job).filter(|r| r.rec.spec.encrypt_updates) {
         Some(run) => {
@@ -147,6 +172,34 @@ fn judge_envelope(
         .get_mut(job)
         .ok_or_else(|| reject(Reason::WrongJob, format!("no job {job:?}")))?;
     admit(txn, run, env.round, device, env.seq, &update, v)
+}
+
+/// A secure aggregation message, after the envelope's checks: to the job's session.
+fn secure(
+    jobs: &mut BTreeMap<String, JobRun>,
+    job: &str,
+    device: &str,
+    payload: &[u8],
+) -> Result<(), Stop> {
+    let m: SecAggMsg<'_> = fedge_proto::envelope::decode(payload)?;
+    if m.job != job {
+        return Err(reject(
+            Reason::WrongJob,
+            format!("message names job {:?} on job {job:?}'s topic", m.job),
+        ));
+    }
+    let session = jobs
+        .get_mut(job)
+        .ok_or_else(|| reject(Reason::WrongJob, format!("no job {job:?}")))?
+        .secure
+        .as_mut()
+        .ok_or_else(|| {
+            reject(
+                Reason::WrongRound,
+                format!("no secure aggregation session of job {job:?} is running"),
+            )
+        })?;
+    session.receive(device, &m).map_err(Stop::Reject)
 }
 
 /// Bound, decode, sender = topic device, registered, not revoked, signature, kind.
@@ -176,7 +229,8 @@ fn authenticate<'w>(
         .map_err(|_| reject(Reason::Internal, "stored key is invalid"))?;
     let env = unverified.verify(&key)?;
     v.round = env.round;
-    if env.kind != Kind::Update {
+    v.kind = env.kind;
+    if !matches!(env.kind, Kind::Update | Kind::SecAgg) {
         return Err(reject(
             Reason::WrongKind,
             format!("{:?} on an update topic", env.kind),

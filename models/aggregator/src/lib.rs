@@ -18,6 +18,7 @@
 //! - [`mqtt`]: broker URLs, TLS, the embedded broker, the polling driver.
 //! - [`http`], [`metrics`]: `/status`, `/metrics` and the JSON API.
 //! - [`fl`]: the seam to `fedge-fl`.
+//! - [`sealing`], [`secure`]: encrypted updates and secure aggregation (SecAgg+) sessions.
 //! - [`service`]: [`Service::bind`] and [`Service::run`], and [`run`].
 //!
 //! # Example
@@ -44,6 +45,7 @@ pub mod outgoing;
 pub mod records;
 pub mod rules;
 pub mod sealing;
+pub mod secure;
 pub mod service;
 pub mod store;
 

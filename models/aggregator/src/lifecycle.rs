@@ -171,6 +171,7 @@ pub fn open_round(
         train_accuracy: None,
         epsilon: None,
         stopped: false,
+        failed: None,
     };
     rec.current_round = number;
     txn.put_round(&s.id, &round)?;

@@ -1,10 +1,11 @@
 //! Everything the aggregator publishes, sealed with its key: model chunks and announcements
-//! (retained), acks (not retained), and the clearing of old retained chunks.
+//! (retained), acks and secure aggregation relays (not retained), and the clearing of old
+//! retained chunks.
 
 use std::sync::Arc;
 
 use fedge_proto::chunk::ChunkManifest;
-use fedge_proto::msg::{Ack, ModelRef, Outcome, Phase, RoundAnnounce};
+use fedge_proto::msg::{Ack, ModelRef, Outcome, Phase, RoundAnnounce, SecAggMsg, SecAggSetup};
 use fedge_proto::{Envelope, Kind, Signer, topic};
 
 use crate::error::AggregatorError;
@@ -127,10 +128,16 @@ pub fn announce(
     round: Option<&RoundRecord>,
     manifest: ChunkManifest,
     recipients: Option<&[u8]>,
+    secure: Option<(SecAggSetup<'_>, u64)>,
 ) -> Result<Outgoing, AggregatorError> {
     let s = &rec.spec;
     let (number, phase, selection, deadline) = match (round, rec.phase) {
-        (Some(r), JobPhase::Running) => (r.round, Phase::Open, r.selection, r.deadline_unix_ms),
+        (Some(r), JobPhase::Running) => (
+            r.round,
+            Phase::Open,
+            r.selection,
+            secure.map_or(r.deadline_unix_ms, |(_, d)| d),
+        ),
         _ => (
             rec.current_round,
             Phase::Finished,
@@ -154,12 +161,41 @@ pub fn announce(
         hyper: s.hyper.to_proto(),
         deadline_unix_ms: deadline,
         recipients: recipients.filter(|_| phase == Phase::Open),
+        secagg: secure.map(|(a, _)| a).filter(|_| phase == Phase::Open),
     };
     let payload = fedge_proto::envelope::encode(&a)?;
     Ok(Outgoing {
         topic: topic::job_round(fleet, &s.id)?.to_string(),
         retain: true,
         payload: sealer.seal(Kind::RoundAnnounce, number, &payload)?,
+    })
+}
+
+/// A secure aggregation relay to one device, on its `cmd` topic.
+///
+/// # Errors
+/// Sealing errors.
+pub fn secagg(
+    sealer: &mut Sealer,
+    fleet: &str,
+    job: &str,
+    round: u64,
+    session: u64,
+    r: &crate::secure::Relay,
+) -> Result<Outgoing, AggregatorError> {
+    let m = SecAggMsg {
+        job,
+        round,
+        session,
+        step: r.step,
+        ids: &r.ids,
+        body: &r.body,
+    };
+    let payload = fedge_proto::envelope::encode(&m)?;
+    Ok(Outgoing {
+        topic: topic::dev_cmd(fleet, &r.device)?.to_string(),
+        retain: false,
+        payload: sealer.seal(Kind::SecAgg, round, &payload)?,
     })
 }
 
@@ -176,9 +212,31 @@ pub fn ack(
     outcome: Outcome,
     detail: &str,
 ) -> Result<Outgoing, AggregatorError> {
+    ack_of(
+        sealer,
+        fleet,
+        device,
+        (Kind::Update, seq, round),
+        outcome,
+        detail,
+    )
+}
+
+/// The ack of an envelope of `kind`.
+///
+/// # Errors
+/// Sealing errors.
+pub fn ack_of(
+    sealer: &mut Sealer,
+    fleet: &str,
+    device: &str,
+    (kind, seq, round): (Kind, u64, u64),
+    outcome: Outcome,
+    detail: &str,
+) -> Result<Outgoing, AggregatorError> {
     let detail = truncate(detail, 200);
     let a = Ack {
-        kind: Kind::Update,
+        kind,
         seq,
         round,
         outcome,

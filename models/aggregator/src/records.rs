@@ -85,6 +85,10 @@ pub struct RoundRecord {
     /// Set when an operator stopped the job during this round (no model produced).
     #[serde(default)]
     pub stopped: bool,
+    /// Why the round produced no new model (a secure aggregation round that lost too many
+    /// devices); the model stays as it was.
+    #[serde(default)]
+    pub failed: Option<String>,
 }
 
 /// An accepted, decoded update waiting for its round to close.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use fedge_aggregator::config::{DeviceEntry, JobSpec};
 use fedge_aggregator::{AggregatorError, Config, Service};
 use fedge_proto::chunk::{Assembly, Chunk, ChunkManifest};
-use fedge_proto::msg::{Ack, Outcome, Phase, RoundAnnounce, Selection, Update};
+use fedge_proto::msg::{
+    Ack, Outcome, Phase, RoundAnnounce, SecAggMsg, SecAggStep, Selection, Update,
+};
 use fedge_proto::topic::{self, Topic};
 use fedge_proto::{Envelope, Kind, PublicKey, Signer};
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, Publish, QoS};
@@ -70,6 +72,18 @@ pub struct Announce {
     pub deadline_unix_ms: u64,
     /// The recipient table (`None`: updates travel in clear).
     pub recipients: Option<Vec<u8>>,
+    /// The secure aggregation session of the round, as every party computes it.
+    pub secagg: Option<std::sync::Arc<fedge_fl::secagg::RoundSetup>>,
+}
+
+/// A secure aggregation relay, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relay {
+    pub round: u64,
+    pub session: u64,
+    pub step: SecAggStep,
+    pub ids: Vec<u8>,
+    pub body: Vec<u8>,
 }
 
 /// An ack, owned.
@@ -208,6 +222,27 @@ impl Device {
                     selection: a.selection,
                     deadline_unix_ms: a.deadline_unix_ms,
                     recipients: a.recipients.map(<[u8]>::to_vec),
+                    secagg: a.secagg.map(|s| {
+                        let roster = s
+                            .roster
+                            .chunks_exact(32)
+                            .map(|c| c.try_into().expect("32 bytes"))
+                            .collect();
+                        let params = fedge_fl::secagg::Params {
+                            len: a.param_count as usize,
+                            neighbours: s.neighbours as usize,
+                            threshold: s.threshold as usize,
+                            clip: s.clip,
+                            quant_bits: u32::from(s.quant_bits),
+                            mod_bits: u32::from(s.mod_bits),
+                        };
+                        std::sync::Arc::new(
+                            fedge_fl::secagg::RoundSetup::with_session(
+                                a.job, a.round, s.session, roster, params,
+                            )
+                            .expect("announced secure aggregation setup"),
+                        )
+                    }),
                 })
             })
             .await;
@@ -315,6 +350,58 @@ impl Device {
                 round: a.round,
                 outcome: a.outcome,
                 detail: a.detail.into(),
+            })
+        })
+        .await
+    }
+
+    /// Publishes a secure aggregation message of `setup`'s session on the update topic; returns
+    /// its sequence number.
+    pub async fn send_secagg(
+        &mut self,
+        setup: &fedge_fl::secagg::RoundSetup,
+        step: SecAggStep,
+        body: &[u8],
+    ) -> u64 {
+        self.seq += 1;
+        let m = SecAggMsg {
+            job: setup.job(),
+            round: setup.round(),
+            session: setup.session(),
+            step,
+            ids: &[],
+            body,
+        };
+        let payload = fedge_proto::envelope::encode(&m).unwrap();
+        let wire = Envelope::new(Kind::SecAgg, &self.id, self.seq, setup.round(), &payload)
+            .seal(&self.signer)
+            .unwrap();
+        self.publish_update(setup.job(), wire).await;
+        self.seq
+    }
+
+    /// The next secure aggregation relay of `step` from the aggregator.
+    pub async fn relay(&mut self, step: SecAggStep) -> Relay {
+        let t = topic::dev_cmd(&self.fleet, &self.id).unwrap().to_string();
+        let key = self.aggregator;
+        self.wait_for(&format!("{step:?} relay"), |p| {
+            if p.topic != t {
+                return None;
+            }
+            let env = Envelope::open(&p.payload, 16 << 20)
+                .ok()?
+                .verify(&key)
+                .expect("aggregator signature");
+            if env.kind != Kind::SecAgg {
+                return None;
+            }
+            let m: SecAggMsg<'_> = fedge_proto::envelope::decode(env.payload).expect("relay");
+            (m.step == step).then(|| Relay {
+                round: m.round,
+                session: m.session,
+                step: m.step,
+                ids: m.ids.to_vec(),
+                body: m.body.to_vec(),
             })
         })
         .await

@@ -366,11 +366,21 @@ impl Params {
 pub struct RoundSetup {
     job: String,
     round: u64,
+    session: u64,
     roster: Vec<[u8; 32]>,
     params: Params,
     hash: [u8; 32],
     neighbours: Vec<Vec<u32>>,
 }
+
+/// Two setups are the same round when their hashes are.
+impl PartialEq for RoundSetup {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+    }
+}
+
+impl Eq for RoundSetup {}
 
 impl RoundSetup {
     /// # Errors
@@ -378,6 +388,21 @@ impl RoundSetup {
     pub fn new(
         job: &str,
         round: u64,
+        roster: Vec<[u8; 32]>,
+        params: Params,
+    ) -> Result<Self, SecAggError> {
+        Self::with_session(job, round, 0, roster, params)
+    }
+
+    /// As [`RoundSetup::new`], for one run (`session`) of a round: a round run again (after an
+    /// aggregator restart) gets a new session, so no message of the earlier run is valid in it.
+    ///
+    /// # Errors
+    /// As [`RoundSetup::new`].
+    pub fn with_session(
+        job: &str,
+        round: u64,
+        session: u64,
         roster: Vec<[u8; 32]>,
         params: Params,
     ) -> Result<Self, SecAggError> {
@@ -394,6 +419,7 @@ impl RoundSetup {
         h.update(&(job.len() as u64).to_le_bytes());
         h.update(job.as_bytes());
         h.update(&round.to_le_bytes());
+        h.update(&session.to_le_bytes());
         for field in [
             params.len as u64,
             params.neighbours as u64,
@@ -414,6 +440,7 @@ impl RoundSetup {
         Ok(Self {
             job: job.to_owned(),
             round,
+            session,
             roster,
             params,
             hash,
@@ -427,6 +454,11 @@ impl RoundSetup {
 
     pub fn round(&self) -> u64 {
         self.round
+    }
+
+    /// The run of the round ([`RoundSetup::with_session`]; 0 for [`RoundSetup::new`]).
+    pub fn session(&self) -> u64 {
+        self.session
     }
 
     pub fn params(&self) -> &Params {

@@ -94,6 +94,18 @@ impl Server {
         self.stage
     }
 
+    /// Messages heard in the current stage, and how many devices are expected in it: a stage
+    /// can close early once every expected device has answered.
+    pub fn progress(&self) -> (usize, usize) {
+        match self.stage {
+            Stage::AdvertiseKeys => (self.keys.len(), self.setup.roster().len()),
+            Stage::ShareKeys => (self.items.len(), self.u1.len()),
+            Stage::MaskedInput => (self.u3.len(), self.u2.len()),
+            Stage::Consistency => (self.confirmations.len(), self.u3.len()),
+            Stage::Unmask => (self.reveals.len(), self.confirmations.len()),
+        }
+    }
+
     /// Every message rejected so far.
     pub fn faults(&self) -> &[Fault] {
         &self.faults
