@@ -121,6 +121,9 @@ pub struct Agent {
     /// Secure aggregation rounds in progress, per job. Memory only: the session keys never
     /// touch the disk.
     secure: std::collections::BTreeMap<String, crate::secure::SecureTask>,
+    /// The latest secure aggregation session announced per job: training that ends after a
+    /// newer session of its round was announced joins that one.
+    sessions: std::collections::BTreeMap<String, crate::fl::SecureSetup>,
 }
 
 /// A signed `Status` envelope (the retained status and the last will).
@@ -202,6 +205,7 @@ impl Agent {
             max_packet: cfg.broker.max_packet_bytes,
             resealable: std::collections::BTreeMap::new(),
             secure: std::collections::BTreeMap::new(),
+            sessions: std::collections::BTreeMap::new(),
         })
     }
 
@@ -605,6 +609,17 @@ impl Agent {
     /// moved on (the task ends), or the aggregator restarted and runs it again under a new
     /// session, which this device joins with the update it already trained.
     fn resession(&mut self, a: &RoundAnnounce<'_>, now: Now) {
+        match (a.phase, a.secagg) {
+            (Phase::Open, Some(s)) => {
+                if let Ok(setup) = crate::fl::secure_setup(a, &s) {
+                    let setup = crate::fl::SecureSetup(Arc::new(setup));
+                    self.sessions.insert(a.job.to_string(), setup);
+                }
+            }
+            _ => {
+                self.sessions.remove(a.job);
+            }
+        }
         let Some(task) = self.secure.get(a.job) else {
             return;
         };
@@ -641,17 +656,27 @@ impl Agent {
         if let Some((old, _)) = &mut t.secagg {
             *old = setup;
         }
-        self.start_secure(t, now);
+        self.start_secure(t, now, true);
     }
 
-    /// Training ended for a secure aggregation round: join the session (stage 1).
-    fn start_secure(&mut self, t: Trained, now: Now) {
+    /// Training ended for a secure aggregation round (or its session was replaced, `again`):
+    /// join the session (stage 1).
+    fn start_secure(&mut self, mut t: Trained, now: Now, again: bool) {
         let key = self.signer.public_key().0;
+        if let (Some((setup, _)), Some(latest)) = (&mut t.secagg, self.sessions.get(&t.job))
+            && latest.0.round() == t.round
+            && latest.0.session() != setup.0.session()
+        {
+            tracing::info!(job = %t.job, round = t.round, session = latest.0.session(), "a newer session of this round was announced during training: joining it");
+            *setup = latest.clone();
+        }
         match crate::secure::SecureTask::start(t, &key, self.signer.key_pair()) {
             Ok((task, keys)) => {
                 let (job, round) = (task.job().to_string(), task.round());
                 if self.send_secagg(&task, keys, now) {
-                    Stats::bump(&self.stats.rounds_trained);
+                    if !again {
+                        Stats::bump(&self.stats.rounds_trained);
+                    }
                     if let Some(Err(e)) = self.learner.as_mut().map(|l| l.on_queued(&job, round, 0))
                     {
                         tracing::warn!(error = %e, "submitted round not persisted");
@@ -883,7 +908,7 @@ impl Agent {
     pub fn on_train_done(&mut self, result: Result<Trained, Failure>, now: Now) -> Vec<Action> {
         let mut out = Vec::new();
         match result {
-            Ok(t) if t.secagg.is_some() => self.start_secure(t, now),
+            Ok(t) if t.secagg.is_some() => self.start_secure(t, now, false),
             Ok(t) => self.submit_update(&t, now, false),
             Err(f) => self.reject(
                 Rejection::new(f.reason, format!("training: {}", f.detail)),

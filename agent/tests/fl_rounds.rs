@@ -243,6 +243,15 @@ async fn a_round_closes_without_a_silent_and_a_killed_device_which_rejoins_the_n
 
 /// Waits until the broker holds the retained announcement of `job`.
 async fn retained_announcement(port: u16) {
+    announcement_where(port, None, |_| true).await;
+}
+
+/// Waits for an announcement of `job` that `f` accepts (verified with `key` when given).
+async fn announcement_where(
+    port: u16,
+    key: Option<PublicKey>,
+    f: impl Fn(&fedge_proto::msg::RoundAnnounce<'_>) -> bool,
+) {
     let mut o =
         rumqttc::MqttOptions::new(format!("watch-{}", std::process::id()), "127.0.0.1", port);
     o.set_max_packet_size(1 << 20, 1 << 20);
@@ -261,6 +270,12 @@ async fn retained_announcement(port: u16) {
             .expect("announcement retained in time");
         if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = ev
             && !p.payload.is_empty()
+            && key.is_none_or(|k| {
+                fedge_proto::Envelope::open(&p.payload, 1 << 20)
+                    .and_then(|u| u.verify(&k))
+                    .and_then(|env| fedge_proto::envelope::decode(env.payload))
+                    .is_ok_and(|a| f(&a))
+            })
         {
             return;
         }
@@ -358,5 +373,126 @@ async fn sealed_updates_made_before_an_aggregator_restart_are_sealed_again_and_c
         rounds.iter().map(|r| r.accepted).collect::<Vec<_>>(),
         [3, 3],
         "{rounds:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_aggregation_rounds_run_with_real_agents_and_survive_an_aggregator_restart() {
+    let Some(broker) = common::mosquitto("fl_secure_restart") else {
+        return;
+    };
+    let tmp = common::TempDir::new("fl-secure");
+    let digits = load_digits(fedge_tests::repo_root().join(DIGITS_PATH)).unwrap();
+    let shards = dirichlet_shards(&digits, 4, 1.0, 20, 9).unwrap();
+    let agg_key_path = tmp.0.join("aggregator.key");
+    let agg_key = fedge_proto::keys::file::load_or_create(&agg_key_path)
+        .unwrap()
+        .public_key();
+    let devices: Vec<Device> = ["dev-a", "dev-b", "dev-c", "dev-d"]
+        .iter()
+        .zip(&shards)
+        .map(|(id, s)| device(&tmp.0, id, s, &broker.url(), agg_key))
+        .collect();
+    let mut cfg = fedge_aggregator::Config {
+        fleet: common::FLEET.into(),
+        data_dir: tmp.0.join("aggregator"),
+        key_file: Some(agg_key_path),
+        tick_ms: 20,
+        ..fedge_aggregator::Config::default()
+    };
+    cfg.broker.url = Some(broker.url());
+    cfg.broker.client_id = Some(format!("agg-secure-{}", std::process::id()));
+    cfg.devices = devices
+        .iter()
+        .map(|d| DeviceEntry {
+            id: d.id.clone(),
+            public_key: d.public_key.to_hex().to_string(),
+        })
+        .collect();
+    let spec = format!(
+        "id = {JOB:?}\nmodel = {{ zeros = 650 }}\nrounds = 2\ndeadline_ms = 60000\n\
+         secure_aggregation = {{ clip = 1.0, stage_ms = 20000 }}\n\
+         [hyper]\nlearning_rate = 0.5\nepochs = 1\nbatch_size = 16\nclip_norm = 1.0\n"
+    );
+    cfg.jobs = vec![JobSpec::parse(&spec, cfg.broker.max_packet_bytes).unwrap()];
+    let store_path = cfg.data_dir.join(fedge_aggregator::service::STORE_FILE);
+
+    // The first aggregator run announces round 1 with a session, and stops.
+    let first = fedge_aggregator::Service::bind(cfg.clone()).await.unwrap();
+    let (first_stop, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(first.run(async move {
+        let _ = first_rx.await;
+    }));
+    retained_announcement(broker.port()).await;
+    let _ = first_stop.send(());
+    first.await.unwrap().unwrap();
+
+    // The devices train and advertise their keys into a session nobody runs any more.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let started: Vec<_> = devices.iter().map(|d| start(d, &stop_rx)).collect();
+    for (d, (s, _)) in devices.iter().zip(&started) {
+        until(&format!("{}: trains round 1", d.id), || {
+            get(&s.rounds_trained) >= 1
+        })
+        .await;
+    }
+
+    // The aggregator comes back with a new session: every device joins it with the update it
+    // already trained; both rounds are unmasked.
+    let service = fedge_aggregator::Service::bind(cfg).await.unwrap();
+    let mut agg_stop = stop_rx.clone();
+    let aggregator = tokio::spawn(service.run(async move {
+        let _ = agg_stop.wait_for(|s| *s).await;
+    }));
+    for (d, (s, _)) in devices.iter().zip(&started) {
+        until(&format!("{}: joined the new session", d.id), || {
+            get(&s.secagg_rejoined) >= 1
+        })
+        .await;
+        until(&format!("{}: rounds 1 and 2 unmasked", d.id), || {
+            get(&s.secagg_completed) >= 2
+        })
+        .await;
+        assert_eq!(
+            get(&s.rounds_trained),
+            2,
+            "{}: trained each round once",
+            d.id
+        );
+    }
+    announcement_where(broker.port(), Some(agg_key), |a| {
+        a.phase == fedge_proto::msg::Phase::Finished
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    for (_, t) in started {
+        tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    aggregator.await.unwrap().unwrap();
+    let store = fedge_aggregator::store::Store::open(&store_path).unwrap();
+    let rounds = store.rounds(JOB).unwrap();
+    let summary: Vec<(u32, Option<String>)> = rounds
+        .iter()
+        .map(|r| (r.accepted, r.failed.clone()))
+        .collect();
+    assert_eq!(summary, [(4, None), (4, None)], "{rounds:?}");
+    let model = store.model(JOB, 2).unwrap().expect("model v2");
+    let head = fedge_runtime::train::Head::from_params(
+        fedge_runtime::train::HeadKind::Softmax,
+        64,
+        10,
+        &model,
+    )
+    .unwrap();
+    let acc = head
+        .loss_and_accuracy(&digits.x, &digits.y)
+        .unwrap()
+        .accuracy;
+    assert!(
+        acc > 0.5,
+        "accuracy of the securely aggregated round 2 model on all digits: {acc}"
     );
 }
