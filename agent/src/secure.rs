@@ -82,9 +82,10 @@ impl SecureTask {
     /// The largest relay this task waits for, with room for the envelope.
     pub fn max_relay(&self) -> usize {
         self.trained.secagg.as_ref().map_or(0, |(s, _)| {
-            let p = s.0.params();
-            let (k, n) = (p.neighbours, s.0.roster().len());
-            k * ((k + 1) * 32 + 256) + n * 128 + 4096
+            let body = s.0.params().max_message_bytes(s.0.roster().len());
+            usize::try_from(body)
+                .unwrap_or(usize::MAX)
+                .saturating_add(4096)
         })
     }
 

@@ -4,11 +4,11 @@
 //! |---|---|---|---|
 //! | `dev/{device}/status` | `Status` | yes (and the last will) | device |
 //! | `dev/{device}/telemetry` | `Telemetry` | no | device |
-//! | `dev/{device}/cmd` | `Command`, `Ack` | no | operator, aggregator |
+//! | `dev/{device}/cmd` | `Command`, `Ack`, `SecAgg` | no | operator, aggregator |
 //! | `dev/{device}/desired` | `Command::Install` (the desired model) | yes | operator |
 //! | `job/{job}/round` | `RoundAnnounce` | yes | aggregator |
 //! | `job/{job}/model/{version}/{chunk}` | `Chunk` of the global model | yes | aggregator |
-//! | `job/{job}/update/{device}` | `Update` | no | device |
+//! | `job/{job}/update/{device}` | `Update`, `SecAgg` | no | device |
 //! | `bundle/{sha256}/{chunk}` | `Chunk` of a signed model bundle | yes | operator |
 //!
 //! Aggregator workers that share a job subscribe to [`shared_updates`]

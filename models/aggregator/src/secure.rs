@@ -139,12 +139,10 @@ impl Session {
 
     /// The largest message a device sends in this session, with room for the envelope.
     pub fn max_envelope(&self) -> usize {
-        let p = self.setup.params();
-        let k = p.neighbours;
-        let masked = (p.len * p.mod_bits as usize).div_ceil(8);
-        // A share item: k + 1 shares of 32 bytes, commitments, signature and headers.
-        let shares = k * ((k + 1) * 32 + 256);
-        masked.max(shares) + 4096
+        let body = self.setup.params().max_message_bytes(self.devices.len());
+        usize::try_from(body)
+            .unwrap_or(usize::MAX)
+            .saturating_add(4096)
     }
 
     /// A device's message, already authenticated as `device`'s by its envelope. The protocol

@@ -22,6 +22,8 @@ struct Sim {
     clients: Vec<Client>,
     server: Server,
     inputs: Vec<Vec<f32>>,
+    /// The largest wire body seen, sent or relayed (lists of indices included).
+    largest: usize,
 }
 
 fn signer(i: usize) -> Ed25519KeyPair {
@@ -54,6 +56,7 @@ fn sim_with(n: usize, len: usize, round: u64) -> Sim {
         signers,
         clients,
         inputs,
+        largest: 0,
     }
 }
 
@@ -75,6 +78,7 @@ impl Sim {
                 continue;
             }
             let keys = c.advertise(&self.signers[i]).unwrap();
+            self.largest = self.largest.max(wire::encode_keys(&keys).len());
             self.server.receive_keys(keys).unwrap();
         }
         self.server.close_keys()
@@ -89,6 +93,11 @@ impl Sim {
             let items = self.clients[i as usize]
                 .share(&self.signers[i as usize], &keys)
                 .unwrap();
+            let sizes = [
+                wire::encode_keys(&keys).len(),
+                wire::encode_shares(&items).len(),
+            ];
+            self.largest = self.largest.max(sizes[0]).max(sizes[1]);
             self.server.receive_shares(items).unwrap();
         }
         self.server.close_shares()
@@ -100,6 +109,8 @@ impl Sim {
                 continue;
             }
             let items = self.server.shares_for(i);
+            let relay = wire::encode_shares(&items).len() + wire::encode_ids(u2).len();
+            self.largest = self.largest.max(relay);
             let masked = self.clients[i as usize]
                 .mask(
                     &self.signers[i as usize],
@@ -108,6 +119,7 @@ impl Sim {
                     &self.inputs[i as usize],
                 )
                 .unwrap();
+            self.largest = self.largest.max(masked.to_bytes().len());
             self.server.receive_masked(masked).unwrap();
         }
         self.server.close_masked()
@@ -135,6 +147,11 @@ impl Sim {
             let reveals = self.clients[i as usize]
                 .unmask(&self.signers[i as usize], confs)
                 .unwrap();
+            let sizes = [
+                wire::encode_confirmations(confs).len(),
+                reveals.to_bytes().len(),
+            ];
+            self.largest = self.largest.max(sizes[0]).max(sizes[1]);
             self.server.receive_reveals(reveals).unwrap();
         }
         self.server.finish()
@@ -193,6 +210,14 @@ fn fifty_devices_sum_exactly() {
     assert!(agg.faults.is_empty());
     s.check_exact(&agg);
     assert_eq!(s.setup.params().neighbours, 40);
+    // Transports size their bounds with this.
+    let bound = s.setup.params().max_message_bytes(N) as usize;
+    assert!(s.largest <= bound, "{} > {bound}", s.largest);
+    assert!(
+        s.largest + 4 * N + 4 >= bound,
+        "the bound is tight: {} vs {bound}",
+        s.largest
+    );
 }
 
 /// Pearson's χ² over 256 bins of the top 8 bits; the critical value is for p = 10⁻⁶ with

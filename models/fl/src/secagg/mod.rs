@@ -311,6 +311,21 @@ impl Params {
         keys + shares + masked + confirmation + reveals
     }
 
+    /// The largest `wire` body of any one message in a round of `devices` devices, sent by a
+    /// device or relayed to one (a list of device indices included): what a transport must let
+    /// through.
+    pub fn max_message_bytes(&self, devices: usize) -> u64 {
+        let (k, n) = (self.neighbours as u64, devices as u64);
+        let keys = 4 + k * 104;
+        let item = 4 + 4 + 32 + 32 + 4 + (32 + 4 + 36 * k + 16) + 64;
+        let shares = 4 + k * item;
+        let masked = 4 + 4 + (self.len as u64 * u64::from(self.mod_bits)).div_ceil(8) + 64;
+        let confirmations = 4 + n * 68;
+        let reveals = 4 + 4 + k * (4 + 1 + 4 + 32) + 64;
+        let ids = 4 + n * 4;
+        keys.max(shares).max(masked).max(confirmations).max(reveals) + ids
+    }
+
     /// # Errors
     /// [`SecAggError::InvalidParams`] naming the first rule broken.
     pub fn validate(&self, devices: usize) -> Result<(), SecAggError> {

@@ -126,6 +126,16 @@ pub struct Args {
     /// ciphertext.
     #[arg(long)]
     pub clear_updates: bool,
+    /// Secure aggregation (SecAgg+): each device masks its update so that the aggregator learns
+    /// only the sum of the updates (averaged unweighted). Needs an averaging strategy. With
+    /// --dp-mode central the devices clip to --clip-norm and the aggregator adds the noise to
+    /// the unmasked sum.
+    #[arg(long)]
+    pub secagg: bool,
+    /// With --secagg: each value of an update is clipped to [-C, C] before 16-bit quantisation
+    /// (default: --clip-norm when set, else 1.0).
+    #[arg(long, value_name = "C")]
+    pub secagg_clip: Option<f32>,
 }
 
 /// The `--json` object (also written to `summary.json`).
@@ -160,6 +170,9 @@ struct Summary {
     dp_delta: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dp_mode: Option<String>,
+    /// The run used secure aggregation (SecAgg+).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    secure_aggregation: bool,
 }
 
 pub fn run(mut args: Args) -> anyhow::Result<()> {
@@ -212,6 +225,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             .flatten(),
         dp_delta: (noise > 0.0).then_some(args.dp_delta),
         dp_mode: (noise > 0.0).then(|| args.dp_mode.clone()),
+        secure_aggregation: args.secagg,
     };
     write_outputs(&args, &summary, &global, &test_set)?;
     report(&args, &summary)
@@ -251,6 +265,25 @@ fn check(args: &Args) -> anyhow::Result<()> {
     }
     if args.dp_epsilon.is_some_and(|e| !(e > 0.0 && e.is_finite())) {
         bail!("--dp-epsilon must be positive");
+    }
+    if args.secagg {
+        if !matches!(
+            args.strategy.as_str(),
+            "fedavg" | "fedprox" | "fedavgm" | "fedadam" | "fedyogi" | "fedadagrad"
+        ) {
+            bail!("--secagg gives the aggregator only the sum: use an averaging --strategy");
+        }
+        if args
+            .secagg_clip
+            .is_some_and(|c| !(c > 0.0 && c.is_finite()))
+        {
+            bail!("--secagg-clip must be positive");
+        }
+        if args.devices < 3 {
+            bail!("--secagg needs at least 3 devices");
+        }
+    } else if args.secagg_clip.is_some() {
+        bail!("--secagg-clip needs --secagg");
     }
     Ok(())
 }
@@ -550,7 +583,8 @@ fn aggregator_config(
                 args.clip_norm, args.noise_multiplier
             );
         }
-        (0.0, 0.0)
+        // Under secure aggregation the aggregator cannot clip: the devices do.
+        (if args.secagg { args.clip_norm } else { 0.0 }, 0.0)
     } else {
         (args.clip_norm, args.noise_multiplier)
     };
@@ -574,7 +608,22 @@ fn aggregator_config(
     let mut job = JobSpec::parse(&spec, cfg.broker.max_packet_bytes)
         .map_err(|e| anyhow::anyhow!("job: {e}"))?;
     job.model = ModelSource::Params(head.params().to_vec());
-    job.encrypt_updates = !args.clear_updates;
+    job.encrypt_updates = !args.clear_updates && !args.secagg;
+    if args.secagg {
+        let clip = args.secagg_clip.unwrap_or(if args.clip_norm > 0.0 {
+            args.clip_norm
+        } else {
+            1.0
+        });
+        job.secure_aggregation = Some(fedge_aggregator::config::SecureAggSpec {
+            clip,
+            stage_ms: args.deadline_ms,
+            dropout: None,
+            quant_bits: 16,
+        });
+        job.validate(cfg.broker.max_packet_bytes)
+            .map_err(|e| anyhow::anyhow!("job: {e}"))?;
+    }
     cfg.jobs = vec![job];
     Ok(cfg)
 }
@@ -844,6 +893,11 @@ fn report(args: &Args, s: &Summary) -> anyhow::Result<()> {
             args.dp_mode,
             s.epsilon.map_or_else(|| "-".into(), |e| format!("{e:.3}")),
             args.dp_delta
+        );
+    }
+    if s.secure_aggregation {
+        println!(
+            "secure aggregation (SecAgg+): the aggregator saw only the sum of each round's updates"
         );
     }
     println!(
