@@ -48,14 +48,8 @@ pub struct Announced {
     pub secagg: Option<SecureSetup>,
 }
 
-impl PartialEq for SecureSetup {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.hash() == other.0.hash()
-    }
-}
-
-/// A secure aggregation session, compared by its round hash.
-#[derive(Debug, Clone)]
+/// A secure aggregation session (compared by its round hash).
+#[derive(Debug, Clone, PartialEq)]
 pub struct SecureSetup(pub Arc<RoundSetup>);
 
 /// What one training run needs; handed to the service to run off the reactor.
@@ -466,7 +460,7 @@ pub fn secure_setup(a: &RoundAnnounce<'_>, s: &SecAggSetup<'_>) -> Result<RoundS
             format!("round {} of {}: secure aggregation: {what}", a.round, a.job),
         )
     };
-    if s.roster.len() % 32 != 0 {
+    if !s.roster.len().is_multiple_of(32) {
         return Err(bad(format!("a roster of {} bytes", s.roster.len())));
     }
     let roster = s

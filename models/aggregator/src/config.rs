@@ -711,4 +711,66 @@ mod tests {
             assert!(e.contains(field), "{field}: {e}");
         }
     }
+
+    #[test]
+    fn secure_aggregation_is_checked_against_what_it_cannot_do() {
+        let base = "id = \"j\"\nmodel = { zeros = 100 }\n";
+        let ok = JobSpec::parse(
+            &format!("{base}secure_aggregation = {{ clip = 0.5 }}"),
+            1 << 20,
+        )
+        .expect("minimal");
+        let sa = ok.secure_aggregation.expect("parsed");
+        assert_eq!((sa.stage_ms, sa.quant_bits, sa.dropout), (10_000, 16, None));
+        let p = sa.params(50, 100).expect("params");
+        assert_eq!((p.neighbours, p.threshold, p.mod_bits), (40, 21, 22));
+        assert!(sa.params(2, 100).is_err(), "two devices cannot mask");
+        let tight = SecureAggSpec {
+            dropout: Some(0.3),
+            ..sa
+        };
+        assert!(tight.params(1000, 100).expect("params").neighbours > 70);
+        for (why, extra) in [
+            ("clip", "secure_aggregation = { clip = 0.0 }"),
+            (
+                "quant_bits",
+                "secure_aggregation = { clip = 1.0, quant_bits = 30 }",
+            ),
+            (
+                "dropout",
+                "secure_aggregation = { clip = 1.0, dropout = 1.0 }",
+            ),
+            (
+                "averaging",
+                "strategy = { name = \"krum\" }\nsecure_aggregation = { clip = 1.0 }",
+            ),
+            (
+                "encrypt_updates",
+                "encrypt_updates = true\nsecure_aggregation = { clip = 1.0 }",
+            ),
+            (
+                "late_policy",
+                "late_policy = { down_weight = { max_staleness = 2, exponent = 0.5 } }\n\
+                 secure_aggregation = { clip = 1.0 }",
+            ),
+            (
+                "hyper.clip_norm",
+                "central_dp = { clip_norm = 1.0, noise_multiplier = 1.0 }\n\
+                 secure_aggregation = { clip = 1.0 }",
+            ),
+        ] {
+            let e = JobSpec::parse(&format!("{base}{extra}"), 1 << 20)
+                .expect_err(why)
+                .to_string();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        JobSpec::parse(
+            &format!(
+                "{base}central_dp = {{ clip_norm = 1.0, noise_multiplier = 1.0 }}\n\
+                 secure_aggregation = {{ clip = 1.0 }}\n[hyper]\nclip_norm = 1.0"
+            ),
+            1 << 20,
+        )
+        .expect("devices clip, the aggregator noises the sum");
+    }
 }
