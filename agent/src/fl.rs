@@ -848,6 +848,59 @@ mod tests {
     }
 
     #[test]
+    fn a_secure_round_needs_this_device_in_its_roster_and_trains_for_it() {
+        let dir = TestDir::new("fl-secure");
+        let data = dir.path().join("d.csv");
+        std::fs::write(&data, "a,b,label\n0,1,0\n1,0,1\n").expect("data");
+        let me = [9u8; 32];
+        let mut l = Learner::open("f", "dev", cfg(data), 1024, dir.path())
+            .expect("open")
+            .with_key(me);
+        let (bytes, m) = model(&[0.0f32; 6]);
+        let others: Vec<u8> = [[1u8; 32], [2; 32], [3; 32]].concat();
+        let with_me: Vec<u8> = [[1u8; 32], [2; 32], me].concat();
+        let setup = |roster| SecAggSetup {
+            session: 77,
+            neighbours: 2,
+            threshold: 2,
+            clip: 1.0,
+            quant_bits: 16,
+            mod_bits: 18,
+            roster,
+        };
+        let mut out = Vec::new();
+        let mut a = announce(m, 1, 6, Selection::All);
+        a.secagg = Some(setup(&others));
+        assert!(!l.on_announce(&a, &mut out).expect("not in the roster"));
+        assert!(out.is_empty());
+        a.secagg = Some(setup(&with_me[..95]));
+        let r = l.on_announce(&a, &mut out).expect_err("torn roster");
+        assert_eq!(r.reason, Reason::Malformed);
+        a.secagg = Some(SecAggSetup {
+            threshold: 1,
+            ..setup(&with_me)
+        });
+        let r = l
+            .on_announce(&a, &mut out)
+            .expect_err("threshold not above k/2");
+        assert_eq!(r.reason, Reason::Malformed);
+        a.secagg = Some(setup(&with_me));
+        assert!(l.on_announce(&a, &mut out).expect("in the roster"));
+        for c in m.split(&bytes) {
+            l.on_chunk(&c, &mut out).expect("chunk");
+        }
+        let Some(Action::Train(job)) = out.pop() else {
+            panic!("no training job: {out:?}");
+        };
+        let s = job.secagg.clone().expect("a secure round");
+        assert_eq!((s.0.session(), s.0.index_of(&me)), (77, Some(2)));
+        let t = train_round(&job, l.config(), &DataCache::default()).expect("train");
+        let (_, update) = t.secagg.expect("kept in clear for masking");
+        assert!(t.delta.is_empty(), "nothing encoded to send in clear");
+        assert_eq!(update.len(), 6);
+    }
+
+    #[test]
     fn bad_announcements_and_models_are_refused() {
         let dir = TestDir::new("fl-bad");
         let mut l = Learner::open("f", "dev", cfg("d.csv".into()), 1024, dir.path()).expect("open");
