@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use fedge_proto::chunk::{Chunk, ChunkManifest};
 use fedge_proto::envelope::{decode, encode};
 use fedge_proto::msg::{
-    Ack, Command, Outcome, Phase, Reason, RoundAnnounce, SecAggMsg, Status, Update,
+    Ack, AggregatorCert, Command, Outcome, Phase, Reason, RoundAnnounce, SecAggMsg, Status, Update,
 };
 use fedge_proto::replay::Freshness;
 use fedge_proto::topic::{self, Topic};
@@ -85,6 +85,8 @@ pub struct Agent {
     fleet: String,
     cmd_topic: String,
     desired_topic: String,
+    /// The operator's certificate of the aggregator key (retained).
+    aggregator_topic: String,
     status_topic: String,
     telemetry_topic: String,
     signer: Arc<Signer>,
@@ -175,6 +177,7 @@ impl Agent {
             fleet: fleet.into(),
             cmd_topic: topic::dev_cmd(fleet, device)?.to_string(),
             desired_topic: topic::dev_desired(fleet, device)?.to_string(),
+            aggregator_topic: topic::aggregator(fleet)?.to_string(),
             status_topic: topic::dev_status(fleet, device)?.to_string(),
             telemetry_topic: topic::dev_telemetry(fleet, device)?.to_string(),
             signer: parts.signer,
@@ -256,6 +259,7 @@ impl Agent {
         self.chunk_subs.clear();
         self.cmd_subscribed = true;
         let mut out = vec![
+            Action::Subscribe(self.aggregator_topic.clone()),
             Action::Subscribe(self.cmd_topic.clone()),
             Action::Subscribe(self.desired_topic.clone()),
         ];
@@ -346,6 +350,7 @@ impl Agent {
         }
         if self.connected && !self.cmd_subscribed {
             self.cmd_subscribed = true;
+            out.push(Action::Subscribe(self.aggregator_topic.clone()));
             out.push(Action::Subscribe(self.cmd_topic.clone()));
             out.push(Action::Subscribe(self.desired_topic.clone()));
         }
@@ -404,6 +409,9 @@ impl Agent {
                 if fleet == self.fleet && device == self.device =>
             {
                 self.on_desired(&t, payload, now, &mut out);
+            }
+            Some(t @ Topic::Aggregator { fleet }) if fleet == self.fleet => {
+                self.on_certificate(&t, payload, now, &mut out);
             }
             Some(Topic::BundleChunk {
                 fleet,
@@ -539,6 +547,72 @@ impl Agent {
                 Rejection::new(Reason::Malformed, format!("desired state: {e}")),
                 now,
             ),
+        }
+    }
+
+    /// The operator's certificate of the aggregator key: verified against the operator key,
+    /// checked for this fleet and expiry, with a replay guard of its own (an older certificate
+    /// is refused; the same one again, after a reconnection or a restart, is applied again).
+    /// It replaces the aggregator key the configuration pins, if any; the round announcements
+    /// are then fetched again (subscribing anew re-delivers retained messages), since one
+    /// that arrived before the certificate could not be verified.
+    fn on_certificate(&mut self, t: &Topic<'_>, payload: &[u8], now: Now, out: &mut Vec<Action>) {
+        if payload.is_empty() {
+            return;
+        }
+        let env = match self.trust.open(payload, 4096, Some(t)) {
+            Ok(env) => env,
+            Err(r) => return self.reject(r, now),
+        };
+        let cert = match decode::<AggregatorCert<'_>>(env.payload) {
+            Ok(c) => c,
+            Err(e) => {
+                let detail = format!("aggregator certificate: {e}");
+                return self.reject(Rejection::new(Reason::Malformed, detail), now);
+            }
+        };
+        if cert.fleet != self.fleet || check_id(cert.aggregator).is_err() {
+            let detail = format!(
+                "aggregator certificate for fleet {:?} and id {:?}",
+                cert.fleet, cert.aggregator
+            );
+            return self.reject(Rejection::new(Reason::Malformed, detail), now);
+        }
+        if cert.not_after_unix_s.saturating_mul(1000) <= now.unix_ms {
+            let detail = format!(
+                "aggregator certificate of {} expired at {} (unix seconds)",
+                cert.aggregator, cert.not_after_unix_s
+            );
+            return self.reject(Rejection::new(Reason::Revoked, detail), now);
+        }
+        let key = format!("{}#certificate", env.sender);
+        match self.state.state.replay.check(&key, env.seq) {
+            Freshness::Fresh => {
+                if let Err(e) = self.state.save() {
+                    let detail = format!("replay state: {e}");
+                    return self.reject(Rejection::new(Reason::Storage, detail), now);
+                }
+            }
+            Freshness::Duplicate => {}
+            Freshness::Replay => {
+                let detail = format!(
+                    "aggregator certificate issued at {} is older than the one accepted",
+                    env.seq
+                );
+                return self.reject(Rejection::new(Reason::Replay, detail), now);
+            }
+        }
+        let same = self.trust.aggregator == Some(cert.public_key)
+            && self.trust.aggregator_id.as_deref() == Some(cert.aggregator);
+        if same {
+            return;
+        }
+        tracing::info!(aggregator = cert.aggregator, key = %cert.public_key, not_after_unix_s = cert.not_after_unix_s, "aggregator key certified by the operator");
+        self.trust.aggregator = Some(cert.public_key);
+        self.trust.aggregator_id = Some(cert.aggregator.to_string());
+        if let Some(l) = &self.learner {
+            out.push(Action::Unsubscribe(l.round_filter()));
+            out.push(Action::Subscribe(l.round_filter()));
         }
     }
 
@@ -1555,6 +1629,80 @@ mod tests {
         // The telemetry that reports them is never dropped from the outbox.
         let acts = f.agent.on_tick(NOW);
         assert_eq!(published(&acts).len(), 1);
+    }
+
+    #[test]
+    fn the_aggregator_key_is_learned_from_the_operators_certificate_only() {
+        let mut f = fixture("agent-cert", 4);
+        f.agent.on_connected(NOW);
+        let now = Now {
+            mono_ms: 1000,
+            unix_ms: 1_000_000_000_000,
+        };
+        let agg = Signer::generate().expect("key").0;
+        let ack = |seq| {
+            let a = Ack {
+                kind: Kind::Update,
+                seq: 1,
+                round: 1,
+                outcome: Outcome::Accepted,
+                detail: "",
+            };
+            Envelope::new(
+                Kind::Ack,
+                "aggregator",
+                seq,
+                1,
+                &encode(&a).expect("encode"),
+            )
+            .seal(&agg)
+            .expect("seal")
+        };
+        let cert = |signer: &Signer, fleet: &str, not_after: u64, issued: u64| {
+            let c = AggregatorCert {
+                fleet,
+                aggregator: "aggregator",
+                public_key: agg.public_key(),
+                not_after_unix_s: not_after,
+            };
+            Envelope::new(
+                Kind::Certificate,
+                "op",
+                issued,
+                0,
+                &encode(&c).expect("encode"),
+            )
+            .seal(signer)
+            .expect("seal")
+        };
+        let (cmd, topic) = ("fedge/v1/f/dev/d/cmd", "fedge/v1/f/aggregator");
+        f.agent.on_message(cmd, &ack(1), now);
+        assert_eq!(f.stats.rejected(Reason::UnknownSender), 1, "no key yet");
+        let mallory = Signer::generate().expect("key").0;
+        let valid = 2_000_000_000;
+        f.agent
+            .on_message(topic, &cert(&mallory, "f", valid, 10), now);
+        assert_eq!(f.stats.rejected(Reason::BadSignature), 1);
+        f.agent.on_message(topic, &cert(&f.op, "g", valid, 10), now);
+        assert_eq!(f.stats.rejected(Reason::Malformed), 1, "another fleet");
+        f.agent
+            .on_message(topic, &cert(&f.op, "f", 999_999_999, 10), now);
+        assert_eq!(f.stats.rejected(Reason::Revoked), 1, "expired");
+        f.agent.on_message(cmd, &ack(2), now);
+        assert_eq!(f.stats.rejected(Reason::UnknownSender), 2, "still no key");
+        f.agent.on_message(topic, &cert(&f.op, "f", valid, 10), now);
+        f.agent.on_message(cmd, &ack(3), now);
+        assert_eq!(
+            f.stats.rejected(Reason::UnknownSender),
+            2,
+            "the certified key"
+        );
+        // The same certificate again (reconnection) is fine; an older one is a replay.
+        f.agent.on_message(topic, &cert(&f.op, "f", valid, 10), now);
+        f.agent.on_message(topic, &cert(&f.op, "f", valid, 9), now);
+        assert_eq!(f.stats.rejected(Reason::Replay), 1);
+        let rejected: u64 = Reason::ALL.iter().map(|r| f.stats.rejected(*r)).sum();
+        assert_eq!(rejected, 6);
     }
 
     #[test]

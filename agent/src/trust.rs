@@ -51,7 +51,9 @@ impl Trust {
             Kind::Chunk if matches!(topic, Some(Topic::JobModelChunk { .. })) => {
                 (self.aggregator.as_ref(), &self.aggregator_id)
             }
-            Kind::Command | Kind::Bundle | Kind::Chunk => (Some(&self.operator), &self.operator_id),
+            Kind::Command | Kind::Bundle | Kind::Chunk | Kind::Certificate => {
+                (Some(&self.operator), &self.operator_id)
+            }
             Kind::Ack | Kind::RoundAnnounce | Kind::SecAgg => {
                 (self.aggregator.as_ref(), &self.aggregator_id)
             }

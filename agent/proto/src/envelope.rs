@@ -33,6 +33,9 @@ pub enum Kind {
     /// [`crate::msg::SecAggMsg`]: a secure-aggregation message, from a device on
     /// `job/{job}/update/{device}` or relayed by the aggregator on `dev/{device}/cmd`.
     SecAgg,
+    /// [`crate::msg::AggregatorCert`]: the operator certifies an aggregator key, retained on
+    /// `aggregator`.
+    Certificate,
 }
 
 /// A decoded envelope. The payload is the postcard encoding of the message its [`Kind`] names.
@@ -70,6 +73,13 @@ impl<'a> Unverified<'a> {
     pub fn seq(&self) -> u64 {
         self.env.seq
     }
+    /// The payload before its signature is checked. Only for a holder that cannot check it and
+    /// relays it (an aggregator sanity-checking the operator's certificate of its own key before
+    /// publishing it): never act on what it says.
+    pub fn claimed_payload(&self) -> &'a [u8] {
+        self.env.payload
+    }
+
     /// Checks the signature with the sender's key and returns the envelope.
     pub fn verify(&self, key: &PublicKey) -> Result<Envelope<'a>, ProtoError> {
         key.verify(self.body, self.signature)?;

@@ -354,6 +354,20 @@ pub struct SecAggMsg<'a> {
     pub body: &'a [u8],
 }
 
+/// The operator's certificate of an aggregator key, in an envelope of kind
+/// [`crate::Kind::Certificate`] signed by the operator (its `seq` is the issue time in seconds,
+/// so a newer certificate supersedes an older one). The aggregator publishes it retained on
+/// `aggregator`; a device that pins only the operator key learns the aggregator's key from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AggregatorCert<'a> {
+    pub fleet: &'a str,
+    /// The aggregator's sender id in its envelopes.
+    pub aggregator: &'a str,
+    pub public_key: PublicKey,
+    /// Not valid after this instant (seconds since the Unix epoch).
+    pub not_after_unix_s: u64,
+}
+
 /// A device's contribution on `job/{job}/update/{device}`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Update<'a> {
@@ -446,6 +460,14 @@ mod tests {
         };
         let n = encode_into(&a, &mut buf).expect("encode").len();
         assert_eq!(decode::<RoundAnnounce<'_>>(&buf[..n]), Ok(a));
+        let c = AggregatorCert {
+            fleet: "f1",
+            aggregator: "agg",
+            public_key: PublicKey([4; 32]),
+            not_after_unix_s: 1 << 40,
+        };
+        let m = encode_into(&c, &mut buf).expect("encode").len();
+        assert_eq!(decode::<AggregatorCert<'_>>(&buf[..m]), Ok(c));
         assert!(decode::<RoundAnnounce<'_>>(&buf[..n - 1]).is_err());
 
         let mut t = Telemetry {

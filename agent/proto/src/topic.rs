@@ -10,6 +10,7 @@
 //! | `job/{job}/model/{version}/{chunk}` | `Chunk` of the global model | yes | aggregator |
 //! | `job/{job}/update/{device}` | `Update`, `SecAgg` | no | device |
 //! | `bundle/{sha256}/{chunk}` | `Chunk` of a signed model bundle | yes | operator |
+//! | `aggregator` | `Certificate` of the aggregator key, signed by the operator | yes | aggregator |
 //!
 //! Aggregator workers that share a job subscribe to [`shared_updates`]
 //! (`$share/{group}/fedge/v1/{fleet}/job/{job}/update/+`).
@@ -112,6 +113,12 @@ pub fn shared_updates(group: &str, fleet: &str, job: &str) -> Result<TopicBuf, P
     ))
 }
 
+/// `fedge/v1/{fleet}/aggregator` (retained): the operator's certificate of the aggregator key.
+pub fn aggregator(fleet: &str) -> Result<TopicBuf, ProtoError> {
+    ids(&[fleet])?;
+    build(format_args!("{ROOT}/{fleet}/aggregator"))
+}
+
 /// `fedge/v1/{fleet}/bundle/{sha256-hex}/{index}` (retained chunk of a signed bundle).
 pub fn bundle_chunk(fleet: &str, sha256: &[u8; 32], index: u32) -> Result<TopicBuf, ProtoError> {
     ids(&[fleet])?;
@@ -160,6 +167,9 @@ pub enum Topic<'a> {
         sha256: [u8; 32],
         index: u32,
     },
+    Aggregator {
+        fleet: &'a str,
+    },
 }
 
 impl<'a> Topic<'a> {
@@ -202,6 +212,7 @@ impl<'a> Topic<'a> {
                     _ => return None,
                 }
             }
+            "aggregator" => Self::Aggregator { fleet },
             "bundle" => {
                 let sha256 = crate::hex::decode::<32>(level()?).ok()?;
                 let index = level()?.parse().ok()?;
@@ -226,6 +237,7 @@ impl<'a> Topic<'a> {
             Self::JobRound { .. } => kind == Kind::RoundAnnounce,
             Self::JobModelChunk { .. } | Self::BundleChunk { .. } => kind == Kind::Chunk,
             Self::JobUpdate { .. } => matches!(kind, Kind::Update | Kind::SecAgg),
+            Self::Aggregator { .. } => kind == Kind::Certificate,
         }
     }
 }
@@ -268,6 +280,11 @@ mod tests {
                 index: 0
             })
         );
+        let a = aggregator("f1").expect("topic");
+        assert_eq!(a.as_str(), "fedge/v1/f1/aggregator");
+        let parsed = Topic::parse(&a).expect("parse");
+        assert_eq!(parsed, Topic::Aggregator { fleet: "f1" });
+        assert!(parsed.accepts(Kind::Certificate) && !parsed.accepts(Kind::RoundAnnounce));
         assert_eq!(
             shared_updates("agg", "f1", "j").expect("topic").as_str(),
             "$share/agg/fedge/v1/f1/job/j/update/+"

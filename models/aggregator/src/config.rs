@@ -25,6 +25,11 @@ pub struct Config {
     /// The aggregator's Ed25519 key (PKCS#8, mode 0600), created when absent.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// The operator's certificate of this aggregator's key (`fedge keys certify-aggregator`),
+    /// published retained on `aggregator` so that devices pinning only the operator key learn
+    /// and trust this key. Checked at start: it must name this fleet, id and key, and be valid.
+    #[serde(default)]
+    pub certificate_file: Option<PathBuf>,
     /// Where the HTTP status, metrics and API listen; none: no HTTP.
     #[serde(default)]
     pub http: Option<SocketAddr>,
@@ -395,6 +400,7 @@ impl Default for Config {
             id: default_id(),
             data_dir: default_data_dir(),
             key_file: None,
+            certificate_file: None,
             http: None,
             broker: BrokerConfig::default(),
             tick_ms: default_tick_ms(),

@@ -211,6 +211,8 @@ pub struct Engine {
     sealer: Sealer,
     client: AsyncClient,
     jobs: BTreeMap<String, JobRun>,
+    /// The operator's certificate of this aggregator's key, published retained on connect.
+    certificate: Option<Vec<u8>>,
 }
 
 impl Engine {
@@ -236,7 +238,16 @@ impl Engine {
             sealer,
             client,
             jobs,
+            certificate: None,
         })
+    }
+
+    /// Publishes `certificate` (the operator's certificate of this aggregator's key) retained
+    /// on `aggregator` after every connection.
+    #[must_use]
+    pub fn with_certificate(mut self, certificate: Option<Vec<u8>>) -> Self {
+        self.certificate = certificate;
+        self
     }
 
     /// Runs until an error (storage, broker channel closed). The caller stops it by dropping
@@ -346,6 +357,15 @@ impl Engine {
     /// retained state again (a restarted broker without persistence has lost it). Subscribing
     /// first means a device that has seen an announcement can be heard.
     async fn on_connected(&mut self) -> Result<(), AggregatorError> {
+        if let Some(cert) = &self.certificate {
+            let t = topic::aggregator(&self.cfg.fleet)?;
+            self.send(vec![Outgoing {
+                topic: t.to_string(),
+                retain: true,
+                payload: cert.clone(),
+            }])
+            .await?;
+        }
         let ids: Vec<String> = self.jobs.keys().cloned().collect();
         for id in &ids {
             self.subscribe(id).await?;

@@ -18,6 +18,47 @@ use crate::mqtt::{self, BrokerUrl};
 use crate::outgoing::Sealer;
 use crate::store::Store;
 
+/// Reads and checks the operator's certificate of this aggregator's key: an envelope of kind
+/// `Certificate` naming this fleet, id and key, not expired. (The operator's signature is the
+/// devices' to check; the aggregator does not pin the operator key.)
+fn load_certificate(
+    cfg: &Config,
+    path: &std::path::Path,
+    key: &fedge_proto::PublicKey,
+) -> Result<Vec<u8>, AggregatorError> {
+    let bad = |why: String| {
+        AggregatorError::Config(crate::error::ConfigError::Invalid(format!(
+            "certificate_file {}: {why}",
+            path.display()
+        )))
+    };
+    let wire = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let env = fedge_proto::Envelope::open(&wire, 4096).map_err(|e| bad(e.to_string()))?;
+    if env.kind() != fedge_proto::Kind::Certificate {
+        return Err(bad(format!(
+            "a {:?} envelope, not a certificate",
+            env.kind()
+        )));
+    }
+    // Read unverified: checking it needs the operator key, which the aggregator does not hold.
+    // This only catches a certificate meant for another aggregator; devices check the signature.
+    let cert: fedge_proto::msg::AggregatorCert<'_> =
+        fedge_proto::envelope::decode(env.claimed_payload()).map_err(|e| bad(e.to_string()))?;
+    if cert.fleet != cfg.fleet || cert.aggregator != cfg.id || cert.public_key != *key {
+        return Err(bad(format!(
+            "it certifies {} as {:?} in fleet {:?}; this aggregator is {key} as {:?} in fleet {:?}",
+            cert.public_key, cert.aggregator, cert.fleet, cfg.id, cfg.fleet
+        )));
+    }
+    if cert.not_after_unix_s.saturating_mul(1000) <= unix_ms() {
+        return Err(bad(format!(
+            "expired at {} (unix seconds)",
+            cert.not_after_unix_s
+        )));
+    }
+    Ok(wire)
+}
+
 /// The store file inside the data directory.
 pub const STORE_FILE: &str = "aggregator.redb";
 
@@ -28,6 +69,8 @@ pub struct Service {
     store: Arc<Store>,
     stats: Arc<Stats>,
     sealer: Sealer,
+    /// The operator's certificate of the key, as published.
+    certificate: Option<Vec<u8>>,
     broker_url: String,
     embedded: Option<SocketAddr>,
     http: Option<tokio::net::TcpListener>,
@@ -47,6 +90,10 @@ impl Service {
         let key_path = cfg.key_path();
         let signer = fedge_proto::keys::file::load_or_create(&key_path)
             .map_err(|e| AggregatorError::Key(key_path, e))?;
+        let certificate = match &cfg.certificate_file {
+            Some(path) => Some(load_certificate(&cfg, path, &signer.public_key())?),
+            None => None,
+        };
         seed(&store, &cfg)?;
         let (broker_url, embedded) = match &cfg.broker.url {
             Some(url) => (url.clone(), None),
@@ -72,6 +119,7 @@ impl Service {
             store,
             stats: Arc::default(),
             sealer,
+            certificate,
             broker_url,
             embedded,
             http,
@@ -128,7 +176,8 @@ impl Service {
             self.stats,
             self.sealer,
             client.clone(),
-        )?;
+        )?
+        .with_certificate(self.certificate);
         let http = async {
             match (self.http, http_addr) {
                 (Some(l), Some(addr)) => crate::http::serve(l, state)

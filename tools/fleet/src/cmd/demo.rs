@@ -27,6 +27,8 @@ use tokio::sync::{mpsc, watch};
 const DIGITS: &[u8] = include_bytes!("../../../../models/data/digits/digits.csv.gz");
 const FLEET: &str = "demo";
 const JOB: &str = "demo";
+/// The aggregator's sender id (the configuration default).
+const AGGREGATOR_ID: &str = "aggregator";
 const TEST_FRACTION: f64 = 0.2;
 /// The longest the demo waits for the next global model before it gives up.
 const STALL: Duration = Duration::from_secs(120);
@@ -412,7 +414,29 @@ async fn federate(
     for (i, shard) in shards.iter().enumerate() {
         devices.push(prepare_device(work, i, shard)?);
     }
-    let cfg = aggregator_config(args, work, &agg_key_path, &devices, head)?;
+    // Devices pin only the operator key; the aggregator publishes the operator's certificate
+    // of its key, from which they learn it.
+    let operator = fedge_proto::Signer::generate()
+        .map_err(|e| anyhow::anyhow!("operator key: {e}"))?
+        .0;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs();
+    let cert = fedge_proto::msg::AggregatorCert {
+        fleet: FLEET,
+        aggregator: AGGREGATOR_ID,
+        public_key: agg_key,
+        not_after_unix_s: now + 86_400,
+    };
+    let cert_path = work.join("aggregator").join("aggregator.cert");
+    std::fs::write(
+        &cert_path,
+        super::keys::aggregator_certificate(&operator, "operator", &cert, now)?,
+    )
+    .context("writing the aggregator certificate")?;
+    let mut cfg = aggregator_config(args, work, &agg_key_path, &devices, head)?;
+    cfg.certificate_file = Some(cert_path);
     let service = fedge_aggregator::Service::bind(cfg)
         .await
         .context("starting the aggregator")?;
@@ -423,14 +447,11 @@ async fn federate(
     };
     let observer = Observer::connect(&url, agg_key).await?;
     let aggregator = tokio::spawn(service.run(stopped(stop_rx.clone())));
-    let operator = fedge_proto::Signer::generate()
-        .map_err(|e| anyhow::anyhow!("operator key: {e}"))?
-        .0
-        .public_key();
+    let operator = operator.public_key();
     let mut agents = Vec::new();
     let mut stats = Vec::new();
     for d in &devices {
-        let cfg = agent_config(args, d, &url, operator, agg_key)?;
+        let cfg = agent_config(args, d, &url, operator)?;
         let svc =
             fedge_agent::Service::open(cfg).with_context(|| format!("opening device {}", d.id))?;
         stats.push(svc.stats());
@@ -633,17 +654,15 @@ fn agent_config(
     d: &DeviceFiles,
     url: &str,
     operator: PublicKey,
-    aggregator: PublicKey,
 ) -> anyhow::Result<fedge_agent::Config> {
     let text = format!(
         "device_id = {id:?}\nfleet = {FLEET:?}\noperator_key = \"{operator}\"\n\
-         aggregator_key = \"{aggregator}\"\ndata_dir = {dir:?}\n\
+         data_dir = {dir:?}\n\
          [broker]\nurl = {url:?}\nclient_id = \"fedge-demo-{pid}-{id}\"\nbackoff_initial_ms = 100\n\
          backoff_max_ms = 2000\n[telemetry]\ninterval_s = 3600\n\
          [learn]\ndata = {data:?}\njob = {JOB:?}\nhead = {head:?}\nhidden = {hidden}\nseed = {seed}\n",
         id = d.id,
         operator = operator.to_hex(),
-        aggregator = aggregator.to_hex(),
         dir = d.dir,
         pid = std::process::id(),
         data = d.data,

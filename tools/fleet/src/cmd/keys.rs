@@ -29,12 +29,82 @@ pub enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Certify an aggregator's key with the operator key. The aggregator publishes the
+    /// certificate retained (its `certificate_file`); devices that pin only the operator key
+    /// learn the aggregator key from it, and a newer certificate rotates it.
+    CertifyAggregator(CertifyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CertifyArgs {
+    /// The operator's private key (operator.key from `fedge keys gen`, mode 0600).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// The aggregator's public key: 64 hex characters, or a file holding them
+    /// (`fedge-aggregator key` prints it).
+    #[arg(long, value_name = "HEX|FILE")]
+    pub aggregator_pub: String,
+    /// The aggregator's sender id (its configuration's `id`).
+    #[arg(long, default_value = "aggregator")]
+    pub aggregator_id: String,
+    /// The fleet the certificate is for.
+    #[arg(long, default_value = "default")]
+    pub fleet: String,
+    /// Days the certificate stays valid.
+    #[arg(long, default_value_t = 365)]
+    pub valid_days: u64,
+    /// Sender id in the envelope (agents configured with `operator_id` require it).
+    #[arg(long, default_value = "operator")]
+    pub operator_id: String,
+    /// Where to write the certificate (the signed envelope, as the aggregator publishes it).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     match a.command {
         KeysCommand::Gen { out, force } => gen_keys(&out, force),
+        KeysCommand::CertifyAggregator(c) => certify_aggregator(&c),
     }
+}
+
+fn certify_aggregator(a: &CertifyArgs) -> anyhow::Result<()> {
+    use fedge_proto::check_id;
+    for (what, id) in [
+        ("--fleet", &a.fleet),
+        ("--aggregator-id", &a.aggregator_id),
+        ("--operator-id", &a.operator_id),
+    ] {
+        check_id(id)
+            .map_err(|_| anyhow::anyhow!("{what} {id:?}: 1 to 64 characters of [A-Za-z0-9._-]"))?;
+    }
+    if a.valid_days == 0 {
+        bail!("--valid-days must be at least 1");
+    }
+    let signer = file::load(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
+    let public_key = read_public_key(&a.aggregator_pub)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs();
+    let not_after = now.saturating_add(a.valid_days.saturating_mul(86_400));
+    let cert = fedge_proto::msg::AggregatorCert {
+        fleet: &a.fleet,
+        aggregator: &a.aggregator_id,
+        public_key,
+        not_after_unix_s: not_after,
+    };
+    let wire = aggregator_certificate(&signer, &a.operator_id, &cert, now)?;
+    std::fs::write(&a.out, &wire).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "certified {public_key} as aggregator {:?} of fleet {:?} until {not_after} (unix seconds), signed by {}; wrote {} ({} bytes)",
+        a.aggregator_id,
+        a.fleet,
+        signer.public_key().fingerprint(),
+        a.out.display(),
+        wire.len()
+    );
+    Ok(())
 }
 
 fn gen_keys(dir: &Path, force: bool) -> anyhow::Result<()> {
@@ -61,6 +131,30 @@ fn gen_keys(dir: &Path, force: bool) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", public.display()))?;
     println!("{hex}");
     Ok(())
+}
+
+/// The operator's certificate `cert`, signed by `operator` as `operator_id`. The issue time
+/// (`now`, unix seconds) is the envelope's sequence number: devices take a newer certificate over
+/// an older one.
+///
+/// # Errors
+/// An invalid operator id.
+pub fn aggregator_certificate(
+    operator: &fedge_proto::Signer,
+    operator_id: &str,
+    cert: &fedge_proto::msg::AggregatorCert<'_>,
+    now: u64,
+) -> anyhow::Result<Vec<u8>> {
+    let payload = fedge_proto::envelope::encode(cert)?;
+    fedge_proto::Envelope::new(
+        fedge_proto::Kind::Certificate,
+        operator_id,
+        now,
+        0,
+        &payload,
+    )
+    .seal(operator)
+    .map_err(|e| anyhow::anyhow!("sealing the certificate: {e}"))
 }
 
 /// Creates `dir` (and its parents) if absent; a directory it creates is mode 0700.

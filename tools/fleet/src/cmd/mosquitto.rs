@@ -61,7 +61,8 @@ pub fn acl_lines(fleet: &str, device: &str) -> String {
          topic read {base}/dev/{device}/desired\n\
          topic read {base}/job/+/round\n\
          topic read {base}/job/+/model/#\n\
-         topic read {base}/bundle/#\n"
+         topic read {base}/bundle/#\n\
+         topic read {base}/aggregator\n"
     )
 }
 
@@ -97,7 +98,8 @@ mod tests {
             let own = topic.contains("/dev-a");
             let shared = topic.ends_with("/round")
                 || topic.contains("/model/")
-                || topic.contains("/bundle/");
+                || topic.contains("/bundle/")
+                || topic.ends_with("/aggregator");
             assert!(own || (shared && line.starts_with("topic read")), "{line}");
         }
     }
