@@ -1784,7 +1784,7 @@ mod tests {
         assert_eq!(subscribed(&acts), [topic(3)]);
         f.agent.on_disconnected();
         let acts = f.agent.on_connected(NOW);
-        assert_eq!(subscribed(&acts)[2..], [topic(0), topic(2), topic(3)]);
+        assert_eq!(subscribed(&acts)[3..], [topic(0), topic(2), topic(3)]);
         // A chunk larger than the manifest's chunk size is refused before it is decoded.
         let big = fedge_proto::chunk::Chunk {
             object: m.sha256,
