@@ -126,6 +126,12 @@ pub struct Agent {
     /// The latest secure aggregation session announced per job: training that ends after a
     /// newer session of its round was announced joins that one.
     sessions: std::collections::BTreeMap<String, crate::fl::SecureSetup>,
+    /// The latest announcement per job that arrived while no aggregator key was known (one per
+    /// job, each within `max_message_bytes`), checked again when a certificate brings the key.
+    unverified_rounds: std::collections::BTreeMap<String, Vec<u8>>,
+    /// The aggregator key and id the configuration pins, trusted again when a certified key
+    /// expires.
+    pinned: (Option<fedge_proto::PublicKey>, Option<String>),
 }
 
 /// A signed `Status` envelope (the retained status and the last will).
@@ -156,6 +162,15 @@ impl Agent {
     pub fn new(cfg: &Config, trust: Trust, parts: Parts, now: Now) -> Result<Self, ProtoError> {
         let (fleet, device) = (cfg.fleet.as_str(), cfg.device_id.as_str());
         let key = parts.signer.public_key().0;
+        let pinned = (trust.aggregator, trust.aggregator_id.clone());
+        let mut trust = trust;
+        if let Some(c) = &parts.state.state.aggregator
+            && c.not_after_unix_s.saturating_mul(1000) > now.unix_ms
+            && let Ok(k) = fedge_proto::PublicKey::from_hex(&c.public_key)
+        {
+            trust.aggregator = Some(k);
+            trust.aggregator_id = Some(c.id.clone());
+        }
         let transfer = Transfer::resume(&parts.chunks_root).and_then(|t| {
             let done = parts
                 .model
@@ -209,6 +224,8 @@ impl Agent {
             resealable: std::collections::BTreeMap::new(),
             secure: std::collections::BTreeMap::new(),
             sessions: std::collections::BTreeMap::new(),
+            unverified_rounds: std::collections::BTreeMap::new(),
+            pinned,
         })
     }
 
@@ -338,6 +355,7 @@ impl Agent {
     /// Timers: telemetry when due, and retries of what the link refused.
     pub fn on_tick(&mut self, now: Now) -> Vec<Action> {
         let mut out = Vec::new();
+        self.expire_certificate(now);
         if now.mono_ms >= self.next_deadline() {
             self.queue_telemetry(now);
             let interval = self
@@ -553,9 +571,8 @@ impl Agent {
     /// The operator's certificate of the aggregator key: verified against the operator key,
     /// checked for this fleet and expiry, with a replay guard of its own (an older certificate
     /// is refused; the same one again, after a reconnection or a restart, is applied again).
-    /// It replaces the aggregator key the configuration pins, if any; the round announcements
-    /// are then fetched again (subscribing anew re-delivers retained messages), since one
-    /// that arrived before the certificate could not be verified.
+    /// It replaces the aggregator key the configuration pins, if any. Announcements that
+    /// arrived before any aggregator key was known are checked again now.
     fn on_certificate(&mut self, t: &Topic<'_>, payload: &[u8], now: Now, out: &mut Vec<Action>) {
         if payload.is_empty() {
             return;
@@ -602,18 +619,56 @@ impl Agent {
                 return self.reject(Rejection::new(Reason::Replay, detail), now);
             }
         }
-        let same = self.trust.aggregator == Some(cert.public_key)
+        let certified = crate::state::CertifiedAggregator {
+            id: cert.aggregator.to_string(),
+            public_key: cert.public_key.to_hex().to_string(),
+            not_after_unix_s: cert.not_after_unix_s,
+        };
+        let same_key = self.trust.aggregator == Some(cert.public_key)
             && self.trust.aggregator_id.as_deref() == Some(cert.aggregator);
-        if same {
+        if same_key && self.state.state.aggregator.as_ref() == Some(&certified) {
             return;
+        }
+        if !same_key {
+            // Another aggregator (or a new key) numbers its messages anew.
+            if let Some(old) = self.trust.aggregator_id.clone() {
+                self.state.state.replay.forget(&old);
+            }
+            self.state.state.replay.forget(cert.aggregator);
+        }
+        self.state.state.aggregator = Some(certified);
+        if let Err(e) = self.state.save() {
+            let detail = format!("aggregator certificate not stored: {e}");
+            return self.reject(Rejection::new(Reason::Storage, detail), now);
         }
         tracing::info!(aggregator = cert.aggregator, key = %cert.public_key, not_after_unix_s = cert.not_after_unix_s, "aggregator key certified by the operator");
         self.trust.aggregator = Some(cert.public_key);
         self.trust.aggregator_id = Some(cert.aggregator.to_string());
-        if let Some(l) = &self.learner {
-            out.push(Action::Unsubscribe(l.round_filter()));
-            out.push(Action::Subscribe(l.round_filter()));
+        for (job, payload) in std::mem::take(&mut self.unverified_rounds) {
+            let Ok(name) = topic::job_round(&self.fleet, &job) else {
+                continue;
+            };
+            if let Some(t) = Topic::parse(&name) {
+                self.on_round(&t, &job, &payload, now, out);
+            }
         }
+    }
+
+    /// A certified aggregator key past its expiry is no longer trusted: the pinned one (if
+    /// any) is again, until the aggregator publishes a valid certificate.
+    fn expire_certificate(&mut self, now: Now) {
+        let Some(c) = &self.state.state.aggregator else {
+            return;
+        };
+        if c.not_after_unix_s.saturating_mul(1000) > now.unix_ms {
+            return;
+        }
+        tracing::warn!(aggregator = %c.id, not_after_unix_s = c.not_after_unix_s, "the operator's certificate of the aggregator key has expired");
+        self.state.state.aggregator = None;
+        if let Err(e) = self.state.save() {
+            tracing::warn!(error = %e, "state not saved");
+        }
+        (self.trust.aggregator, self.trust.aggregator_id) = self.pinned.clone();
     }
 
     /// A round announcement: verified against the aggregator key, then checked for freshness
@@ -636,7 +691,15 @@ impl Agent {
             .open(payload, self.limits.max_message_bytes, Some(t))
         {
             Ok(env) => env,
-            Err(r) => return self.reject(r, now),
+            Err(r) => {
+                if r.reason == Reason::UnknownSender && self.trust.aggregator.is_none() {
+                    // Kept until the operator's certificate of the aggregator key arrives
+                    // (retained messages come once per subscription).
+                    self.unverified_rounds
+                        .insert(job.to_string(), payload.to_vec());
+                }
+                return self.reject(r, now);
+            }
         };
         let a = match decode::<RoundAnnounce<'_>>(env.payload) {
             Ok(a) if a.job == job => a,
@@ -719,6 +782,14 @@ impl Agent {
         let Some(task) = self.secure.remove(a.job) else {
             return;
         };
+        let Some(mut t) = task.into_trained() else {
+            return tracing::warn!(
+                job = a.job,
+                round = a.round,
+                session = s.session,
+                "a new session of a round whose masked input this device already sent: not joining it (two sums over different sets of the same inputs would reveal their difference)"
+            );
+        };
         tracing::info!(
             job = a.job,
             round = a.round,
@@ -726,7 +797,6 @@ impl Agent {
             "secure aggregation runs again under a new session: joining it"
         );
         Stats::bump(&self.stats.secagg_rejoined);
-        let mut t = task.into_trained();
         if let Some((old, _)) = &mut t.secagg {
             *old = setup;
         }
@@ -1634,6 +1704,12 @@ mod tests {
     #[test]
     fn the_aggregator_key_is_learned_from_the_operators_certificate_only() {
         let mut f = fixture("agent-cert", 4);
+        let data = f._dir.path().join("d.csv");
+        std::fs::write(&data, "a,b,label\n0,1,0\n1,0,1\n").expect("data");
+        let learn: crate::config::LearnConfig =
+            toml::from_str(&format!("data = {data:?}\n")).expect("learn");
+        let learner = Learner::open("f", "d", learn, 1024, f._dir.path()).expect("learner");
+        f.agent.learner = Some(learner);
         f.agent.on_connected(NOW);
         let now = Now {
             mono_ms: 1000,
@@ -1678,6 +1754,46 @@ mod tests {
         let (cmd, topic) = ("fedge/v1/f/dev/d/cmd", "fedge/v1/f/aggregator");
         f.agent.on_message(cmd, &ack(1), now);
         assert_eq!(f.stats.rejected(Reason::UnknownSender), 1, "no key yet");
+        // A retained announcement that comes before the certificate is kept.
+        let bytes: Vec<u8> = [0f32; 6].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let manifest = ChunkManifest::of(&bytes, 64).expect("manifest");
+        let a = RoundAnnounce {
+            job: "j",
+            round: 1,
+            phase: Phase::Open,
+            model: fedge_proto::msg::ModelRef {
+                name: "j",
+                version: 0,
+                sha256: manifest.sha256,
+            },
+            manifest,
+            param_count: 6,
+            codec: fedge_proto::msg::Codec::F32,
+            selection: fedge_proto::msg::Selection::All,
+            hyper: fedge_proto::msg::Hyper {
+                learning_rate: 0.1,
+                epochs: 1,
+                batch_size: 2,
+                proximal_mu: 0.0,
+                clip_norm: 0.0,
+                noise_multiplier: 0.0,
+            },
+            deadline_unix_ms: 0,
+            recipients: None,
+            secagg: None,
+        };
+        let announce = Envelope::new(
+            Kind::RoundAnnounce,
+            "aggregator",
+            7,
+            1,
+            &encode(&a).expect("encode"),
+        )
+        .seal(&agg)
+        .expect("seal");
+        let acts = f.agent.on_message("fedge/v1/f/job/j/round", &announce, now);
+        assert!(subscribed(&acts).is_empty(), "not verified yet: {acts:?}");
+        assert_eq!(f.stats.rejected(Reason::UnknownSender), 2);
         let mallory = Signer::generate().expect("key").0;
         let valid = 2_000_000_000;
         f.agent
@@ -1689,12 +1805,17 @@ mod tests {
             .on_message(topic, &cert(&f.op, "f", 999_999_999, 10), now);
         assert_eq!(f.stats.rejected(Reason::Revoked), 1, "expired");
         f.agent.on_message(cmd, &ack(2), now);
-        assert_eq!(f.stats.rejected(Reason::UnknownSender), 2, "still no key");
-        f.agent.on_message(topic, &cert(&f.op, "f", valid, 10), now);
+        assert_eq!(f.stats.rejected(Reason::UnknownSender), 3, "still no key");
+        let acts = f.agent.on_message(topic, &cert(&f.op, "f", valid, 10), now);
+        assert_eq!(
+            subscribed(&acts),
+            ["fedge/v1/f/job/j/model/0/+"],
+            "the kept announcement is acted on: the model is fetched"
+        );
         f.agent.on_message(cmd, &ack(3), now);
         assert_eq!(
             f.stats.rejected(Reason::UnknownSender),
-            2,
+            3,
             "the certified key"
         );
         // The same certificate again (reconnection) is fine; an older one is a replay.
@@ -1702,7 +1823,64 @@ mod tests {
         f.agent.on_message(topic, &cert(&f.op, "f", valid, 9), now);
         assert_eq!(f.stats.rejected(Reason::Replay), 1);
         let rejected: u64 = Reason::ALL.iter().map(|r| f.stats.rejected(*r)).sum();
-        assert_eq!(rejected, 6);
+        assert_eq!(rejected, 7);
+        // Kept across restarts: the state on disk holds the certified key.
+        let stored = StateFile::open(&f._dir.path().join("state.json")).expect("state");
+        assert_eq!(
+            stored.state.aggregator.map(|c| (c.id, c.public_key)),
+            Some(("aggregator".into(), agg.public_key().to_hex().to_string()))
+        );
+        // A new aggregator key, certified later, starts the aggregator's sequence anew.
+        let agg2 = Signer::generate().expect("key").0;
+        let c2 = AggregatorCert {
+            fleet: "f",
+            aggregator: "aggregator",
+            public_key: agg2.public_key(),
+            not_after_unix_s: valid,
+        };
+        let w2 = Envelope::new(
+            Kind::Certificate,
+            "op",
+            11,
+            0,
+            &encode(&c2).expect("encode"),
+        )
+        .seal(&f.op)
+        .expect("seal");
+        f.agent.on_message(topic, &w2, now);
+        let a2 = Ack {
+            kind: Kind::Update,
+            seq: 1,
+            round: 1,
+            outcome: Outcome::Accepted,
+            detail: "",
+        };
+        let first_of_new = Envelope::new(Kind::Ack, "aggregator", 1, 1, &encode(&a2).expect("e"))
+            .seal(&agg2)
+            .expect("seal");
+        f.agent.on_message(cmd, &first_of_new, now);
+        assert_eq!(
+            f.stats.rejected(Reason::Replay),
+            1,
+            "seq 1 of the new aggregator is fresh"
+        );
+        f.agent.on_message(cmd, &ack(4), now);
+        assert_eq!(
+            f.stats.rejected(Reason::BadSignature),
+            2,
+            "the old key is no longer trusted"
+        );
+        // Past its expiry the certified key is dropped (nothing is pinned here).
+        let later = Now {
+            mono_ms: 2000,
+            unix_ms: valid * 1000 + 1,
+        };
+        f.agent.on_tick(later);
+        let second = Envelope::new(Kind::Ack, "aggregator", 2, 1, &encode(&a2).expect("e"))
+            .seal(&agg2)
+            .expect("seal");
+        f.agent.on_message(cmd, &second, later);
+        assert_eq!(f.stats.rejected(Reason::UnknownSender), 4, "expired");
     }
 
     #[test]

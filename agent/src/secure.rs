@@ -23,6 +23,9 @@ pub struct Reply {
 pub struct SecureTask {
     trained: Trained,
     client: Client,
+    /// The masked input went out: from then on the device never joins another session of
+    /// the round, or an aggregator could unmask sums over different sets of the same inputs.
+    masked: bool,
 }
 
 impl std::fmt::Debug for SecureTask {
@@ -61,7 +64,14 @@ impl SecureTask {
             step: SecAggStep::Keys,
             body: wire::encode_keys(&keys),
         };
-        Ok((Self { trained, client }, reply))
+        Ok((
+            Self {
+                trained,
+                client,
+                masked: false,
+            },
+            reply,
+        ))
     }
 
     pub fn job(&self) -> &str {
@@ -89,9 +99,10 @@ impl SecureTask {
         })
     }
 
-    /// The training result, to join a new session of the same round.
-    pub fn into_trained(self) -> Trained {
-        self.trained
+    /// The training result, to join a new session of the same round; `None` once the masked
+    /// input was sent (see [`SecureTask`]).
+    pub fn into_trained(self) -> Option<Trained> {
+        (!self.masked).then_some(self.trained)
     }
 
     /// The next stage's message for the relay `m`; `None` for a relay not meant for this stage.
@@ -118,9 +129,12 @@ impl SecureTask {
             SecAggStep::NeighbourShares => wire::decode_ids(m.ids)
                 .and_then(|u2| Ok((u2, wire::decode_shares(m.body)?)))
                 .and_then(|(u2, items)| c.mask(signer, &u2, &items, update))
-                .map(|x| Reply {
-                    step: SecAggStep::Masked,
-                    body: x.to_bytes(),
+                .map(|x| {
+                    self.masked = true;
+                    Reply {
+                        step: SecAggStep::Masked,
+                        body: x.to_bytes(),
+                    }
                 }),
             SecAggStep::Survivors => wire::decode_ids(m.ids)
                 .and_then(|u3| c.confirm(signer, &u3))
@@ -155,4 +169,137 @@ fn rejection(t: &Trained, e: SecAggError) -> Rejection {
         reason,
         format!("secure aggregation, round {} of {}: {e}", t.round, t.job),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fl::SecureSetup;
+    use fedge_fl::secagg::{Params, RoundSetup, Server};
+    use fedge_proto::Signer;
+
+    fn relay<'a>(step: SecAggStep, ids: &'a [u8], body: &'a [u8]) -> SecAggMsg<'a> {
+        SecAggMsg {
+            job: "j",
+            round: 1,
+            session: 5,
+            step,
+            ids,
+            body,
+        }
+    }
+
+    /// Three devices; device 0 is the agent's task, the others bare clients.
+    #[test]
+    fn a_task_rejoins_a_new_session_only_before_its_masked_input_went_out() {
+        let signers: Vec<Signer> = (0..3).map(|_| Signer::generate().expect("key").0).collect();
+        let mut keyed: Vec<(Signer, [u8; 32])> = signers
+            .into_iter()
+            .map(|s| {
+                let k = s.public_key().0;
+                (s, k)
+            })
+            .collect();
+        keyed.sort_by_key(|(_, k)| *k);
+        let roster: Vec<[u8; 32]> = keyed.iter().map(|(_, k)| *k).collect();
+        let params = Params::new(3, 4, 1.0).expect("params");
+        let setup = Arc::new(RoundSetup::with_session("j", 1, 5, roster, params).expect("setup"));
+        let trained = Trained {
+            job: "j".into(),
+            round: 1,
+            version: 0,
+            num_samples: 2,
+            loss: 0.0,
+            accuracy: 0.0,
+            delta: Vec::new(),
+            recipient: None,
+            secagg: Some((SecureSetup(Arc::clone(&setup)), vec![0.1, -0.2, 0.3, 0.0])),
+        };
+        let (me, my_key) = (&keyed[0].0, keyed[0].1);
+        let (mut task, keys) = SecureTask::start(trained, &my_key, me.key_pair()).expect("start");
+        let mut server = Server::new(Arc::clone(&setup));
+        server
+            .receive_keys(wire::decode_keys(&keys.body).expect("keys"))
+            .expect("mine");
+        let mut others: Vec<Client> = keyed[1..]
+            .iter()
+            .map(|(s, k)| {
+                let mut c = Client::new(Arc::clone(&setup), k).expect("client");
+                server
+                    .receive_keys(c.advertise(s.key_pair()).expect("advertise"))
+                    .expect("theirs");
+                c
+            })
+            .collect();
+        server.close_keys().expect("stage 1");
+        let mine = wire::encode_keys(&server.keys_for(0));
+        let shares = task
+            .step(&relay(SecAggStep::NeighbourKeys, &[], &mine), me.key_pair())
+            .expect("share")
+            .expect("a reply");
+        assert_eq!(shares.step, SecAggStep::Shares);
+        server
+            .receive_shares(wire::decode_shares(&shares.body).expect("items"))
+            .expect("my items");
+        for (i, (c, (s, _))) in others.iter_mut().zip(&keyed[1..]).enumerate() {
+            let items = c
+                .share(s.key_pair(), &server.keys_for(i as u32 + 1))
+                .expect("share");
+            server.receive_shares(items).expect("their items");
+        }
+        let u2 = server.close_shares().expect("stage 2");
+        // A relay of another step is not this stage's: nothing to send.
+        assert!(
+            task.step(&relay(SecAggStep::Keys, &[], &[]), me.key_pair())
+                .expect("ignored")
+                .is_none()
+        );
+        // Not yet masked: it could rejoin a new session with the same update.
+        let ids = wire::encode_ids(&u2);
+        let items = wire::encode_shares(&server.shares_for(0));
+        let masked = task
+            .step(
+                &relay(SecAggStep::NeighbourShares, &ids, &items),
+                me.key_pair(),
+            )
+            .expect("mask")
+            .expect("a reply");
+        assert_eq!(masked.step, SecAggStep::Masked);
+        assert!(
+            task.into_trained().is_none(),
+            "after its masked input a device joins no other session of the round"
+        );
+    }
+
+    #[test]
+    fn a_relay_that_does_not_decode_makes_the_device_leave_with_a_reason() {
+        let s = Signer::generate().expect("key").0;
+        let others: Vec<[u8; 32]> = (0..2)
+            .map(|_| Signer::generate().expect("key").0.public_key().0)
+            .collect();
+        let key = s.public_key().0;
+        let roster = vec![key, others[0], others[1]];
+        let params = Params::new(3, 2, 1.0).expect("params");
+        let setup = Arc::new(RoundSetup::with_session("j", 1, 5, roster, params).expect("setup"));
+        let trained = Trained {
+            job: "j".into(),
+            round: 1,
+            version: 0,
+            num_samples: 1,
+            loss: 0.0,
+            accuracy: 0.0,
+            delta: Vec::new(),
+            recipient: None,
+            secagg: Some((SecureSetup(setup), vec![0.0, 0.0])),
+        };
+        let (mut task, _) = SecureTask::start(trained, &key, s.key_pair()).expect("start");
+        let r = task
+            .step(
+                &relay(SecAggStep::NeighbourKeys, &[], &[1, 2, 3]),
+                s.key_pair(),
+            )
+            .expect_err("garbage");
+        assert_eq!(r.reason, Reason::Malformed);
+        assert!(r.detail.contains("round 1 of j"), "{}", r.detail);
+    }
 }

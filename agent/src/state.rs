@@ -15,6 +15,19 @@ use crate::fsx;
 pub struct State {
     pub replay: ReplayGuard,
     pub telemetry_interval_s: Option<u32>,
+    /// The aggregator key the operator certified last, trusted until it expires (over a
+    /// key the configuration pins).
+    #[serde(default)]
+    pub aggregator: Option<CertifiedAggregator>,
+}
+
+/// An aggregator key from the operator's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertifiedAggregator {
+    pub id: String,
+    /// Hex of the Ed25519 key.
+    pub public_key: String,
+    pub not_after_unix_s: u64,
 }
 
 /// [`State`] and the file it lives in.

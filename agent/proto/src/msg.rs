@@ -355,8 +355,8 @@ pub struct SecAggMsg<'a> {
 }
 
 /// The operator's certificate of an aggregator key, in an envelope of kind
-/// [`crate::Kind::Certificate`] signed by the operator (its `seq` is the issue time in seconds,
-/// so a newer certificate supersedes an older one). The aggregator publishes it retained on
+/// [`crate::Kind::Certificate`] signed by the operator (its `seq` is the issue time in
+/// milliseconds, so a newer certificate supersedes an older one). The aggregator publishes it retained on
 /// `aggregator`; a device that pins only the operator key learns the aggregator's key from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AggregatorCert<'a> {

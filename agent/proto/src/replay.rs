@@ -45,6 +45,17 @@ impl ReplayGuard {
     pub fn last(&self, sender: &str) -> Option<u64> {
         self.last.get(sender).copied()
     }
+
+    /// Forgets `sender` and its sub-guards (`{sender}#…`): for a sender whose key was replaced
+    /// (a new aggregator starts its sequence anew).
+    pub fn forget(&mut self, sender: &str) {
+        self.last.retain(|k, _| {
+            k != sender
+                && !k
+                    .strip_prefix(sender)
+                    .is_some_and(|rest| rest.starts_with('#'))
+        });
+    }
 }
 
 #[cfg(test)]
@@ -57,6 +68,20 @@ mod tests {
         assert_eq!(freshness(Some(5), 6), Freshness::Fresh);
         assert_eq!(freshness(Some(5), 5), Freshness::Duplicate);
         assert_eq!(freshness(Some(5), 4), Freshness::Replay);
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn forgetting_a_sender_keeps_the_others() {
+        let mut g = ReplayGuard::default();
+        for s in ["agg", "agg#round/j", "aggx", "op#certificate"] {
+            assert_eq!(g.check(s, 5), Freshness::Fresh);
+        }
+        g.forget("agg");
+        assert_eq!(g.last("agg"), None);
+        assert_eq!(g.last("agg#round/j"), None);
+        assert_eq!(g.last("aggx"), Some(5));
+        assert_eq!(g.last("op#certificate"), Some(5));
     }
 
     #[cfg(feature = "std")]

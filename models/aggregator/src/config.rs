@@ -178,6 +178,11 @@ pub struct SecureAggSpec {
     /// Bits per quantised value.
     #[serde(default = "default_quant_bits")]
     pub quant_bits: u32,
+    /// Bits of the modulus the masks and the sum live in (at most 32). Default: the fewest
+    /// that hold the sum, `quant_bits + ⌈log₂ n⌉`; the masks are uniform over it either way,
+    /// and each extra bit costs `len / 8` bytes per device.
+    #[serde(default)]
+    pub mod_bits: Option<u32>,
 }
 
 fn default_stage_ms() -> u64 {
@@ -203,7 +208,9 @@ impl SecureAggSpec {
             Some(d) => Params::for_dropout(devices, len, self.clip, d, 1e-6)?,
             None => Params::new(devices, len, self.clip)?,
         };
-        p.mod_bits = self.quant_bits + (devices as f64).log2().ceil() as u32;
+        p.mod_bits = self
+            .mod_bits
+            .unwrap_or(self.quant_bits + (devices as f64).log2().ceil() as u32);
         p.quant_bits = self.quant_bits;
         p.validate(devices)?;
         Ok(p)
@@ -224,6 +231,22 @@ impl JobSpec {
         (self.hyper.noise_multiplier > 0.0 && self.hyper.clip_norm > 0.0)
             || self.central_dp.is_some()
     }
+}
+
+/// A secure aggregation session lives in one aggregator's memory: workers sharing a job's
+/// updates (`broker.share_group`) would each see part of its messages.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] for such a job.
+pub fn check_secure_with_sharing(broker: &BrokerConfig, job: &JobSpec) -> Result<(), ConfigError> {
+    if broker.share_group.is_some() && job.secure_aggregation.is_some() {
+        return Err(ConfigError::Invalid(format!(
+            "job {}: secure_aggregation runs in one aggregator; it cannot be shared over \
+             broker.share_group workers",
+            job.id
+        )));
+    }
+    Ok(())
 }
 
 /// The strategies that only need the (weighted) mean of the updates.
@@ -466,9 +489,10 @@ impl Config {
                 ))
             })?;
         }
-        self.jobs
-            .iter()
-            .try_for_each(|j| j.validate(self.broker.max_packet_bytes))
+        self.jobs.iter().try_for_each(|j| {
+            j.validate(self.broker.max_packet_bytes)?;
+            check_secure_with_sharing(&self.broker, j)
+        })
     }
 }
 
@@ -585,6 +609,12 @@ impl JobSpec {
             && !(0.0..1.0).contains(&d)
         {
             return bad("dropout must be in [0, 1)");
+        }
+        if sa
+            .mod_bits
+            .is_some_and(|m| !(sa.quant_bits..=32).contains(&m))
+        {
+            return bad("mod_bits must be in quant_bits..=32");
         }
         if !AVERAGING.contains(&self.strategy.name.as_str()) {
             return bad(
@@ -736,6 +766,19 @@ mod tests {
             ..sa
         };
         assert!(tight.params(1000, 100).expect("params").neighbours > 70);
+        let wide = SecureAggSpec {
+            mod_bits: Some(32),
+            ..sa
+        };
+        assert_eq!(wide.params(50, 100).expect("params").mod_bits, 32);
+        let narrow = SecureAggSpec {
+            mod_bits: Some(17),
+            ..sa
+        };
+        assert!(
+            narrow.params(50, 100).is_err(),
+            "17 bits cannot hold 50 sums"
+        );
         for (why, extra) in [
             ("clip", "secure_aggregation = { clip = 0.0 }"),
             (

@@ -67,6 +67,8 @@ pub struct JobRun {
     /// The secure aggregation session of the open round (`secure_aggregation` jobs), in
     /// memory only.
     pub secure: Option<crate::secure::Session>,
+    /// Why the open round's session could not start, when it could not.
+    secure_error: Option<String>,
 }
 
 impl JobRun {
@@ -90,6 +92,7 @@ impl JobRun {
             failed_at: None,
             sealing: crate::sealing::Sealing::default(),
             secure: None,
+            secure_error: None,
         })
     }
 
@@ -157,13 +160,15 @@ impl JobRun {
                 let p = s.params();
                 tracing::info!(job = %self.rec.spec.id, round = r.round, session = s.session, devices = n, neighbours = p.neighbours, threshold = p.threshold, "secure aggregation session started");
                 self.secure = Some(s);
+                self.secure_error = None;
                 Ok(true)
             }
             Err(why) => {
                 if self.failed_at != Some(n as u32) {
-                    tracing::warn!(job = %self.rec.spec.id, round = r.round, devices = n, error = %why, "secure aggregation cannot start yet; waiting for devices");
+                    tracing::warn!(job = %self.rec.spec.id, round = r.round, devices = n, error = %why, "secure aggregation cannot start yet: the round is announced closed until it can, and fails at its deadline");
                     self.failed_at = Some(n as u32);
                 }
+                self.secure_error = Some(format!("secure aggregation could not start: {why}"));
                 Ok(false)
             }
         }
@@ -562,6 +567,18 @@ impl Engine {
             if run.secure.is_none() {
                 if run.ensure_session(&self.store, now)? {
                     self.publish_state(&job, None).await?;
+                } else if run
+                    .round
+                    .as_ref()
+                    .is_some_and(|r| now >= r.deadline_unix_ms)
+                {
+                    // Never started (too few devices, say): the round fails with the reason,
+                    // the job goes on.
+                    let why = run
+                        .secure_error
+                        .clone()
+                        .unwrap_or_else(|| "secure aggregation could not start".into());
+                    self.close_secure_round(&job, now, Err(why)).await?;
                 }
                 continue;
             }
@@ -713,6 +730,7 @@ impl Engine {
         txn.commit()?;
         run.rec = rec.clone();
         run.round = None;
+        run.secure = None;
         tracing::info!(job = %id, "job stopped by the operator");
         // The retained announcement now says Finished: devices stop training for it.
         self.publish_state(id, None)
@@ -723,6 +741,7 @@ impl Engine {
 
     async fn create_job(&mut self, spec: JobSpec) -> Result<JobRecord, OpError> {
         spec.validate(self.cfg.broker.max_packet_bytes)?;
+        crate::config::check_secure_with_sharing(&self.cfg.broker, &spec)?;
         Strategy::build(&spec.strategy)
             .map_err(|e| crate::error::ConfigError::Invalid(format!("job {}: {e}", spec.id)))?;
         let (rec, _) = self.in_txn(|txn| {

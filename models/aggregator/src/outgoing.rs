@@ -131,10 +131,17 @@ pub fn announce(
     secure: Option<(SecAggSetup<'_>, u64)>,
 ) -> Result<Outgoing, AggregatorError> {
     let s = &rec.spec;
+    // A secure job's round is announced open only with its session: devices that took it for a
+    // plain round would send their updates in clear.
+    let open = if s.secure_aggregation.is_some() && secure.is_none() {
+        Phase::Closed
+    } else {
+        Phase::Open
+    };
     let (number, phase, selection, deadline) = match (round, rec.phase) {
         (Some(r), JobPhase::Running) => (
             r.round,
-            Phase::Open,
+            open,
             r.selection,
             secure.map_or(r.deadline_unix_ms, |(_, d)| d),
         ),

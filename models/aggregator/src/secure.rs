@@ -160,33 +160,55 @@ impl Session {
                 ),
             ));
         }
-        if !self.devices.iter().any(|d| d == device) {
+        let Some(me) = self.devices.iter().position(|d| d == device) else {
             return Err(Rejection::new(
                 Reason::NotSelected,
                 format!("{device} is not in the roster of round {}", self.round),
             ));
-        }
+        };
+        let me = me as u32;
+        // The message must be the sender's own: the envelope (signed by the topic's device)
+        // and the protocol message (signed by its author) name the same device.
+        let own = |from: &mut dyn Iterator<Item = u32>| -> Result<(), SecAggError> {
+            for other in from {
+                if other != me {
+                    return Err(SecAggError::Malformed {
+                        reason: format!("device {me} sent a message of device {other}"),
+                    });
+                }
+            }
+            Ok(())
+        };
         let r = match m.step {
-            SecAggStep::Keys => wire::decode_keys(m.body).and_then(|k| self.server.receive_keys(k)),
-            SecAggStep::Shares => {
-                wire::decode_shares(m.body).and_then(|s| self.server.receive_shares(s))
-            }
-            SecAggStep::Masked => {
-                wire::MaskedInput::from_bytes(m.body).and_then(|x| self.server.receive_masked(x))
-            }
+            SecAggStep::Keys => wire::decode_keys(m.body).and_then(|k| {
+                own(&mut k.iter().map(|x| x.from))?;
+                self.server.receive_keys(k)
+            }),
+            SecAggStep::Shares => wire::decode_shares(m.body).and_then(|s| {
+                own(&mut s.iter().map(|x| x.from))?;
+                self.server.receive_shares(s)
+            }),
+            SecAggStep::Masked => wire::MaskedInput::from_bytes(m.body).and_then(|x| {
+                own(&mut std::iter::once(x.from))?;
+                self.server.receive_masked(x)
+            }),
             SecAggStep::Confirmation => {
                 // A confirmation travels alone; the relay of every confirmation reuses the list
                 // encoding.
                 wire::decode_confirmations(m.body).and_then(|mut c| match (c.pop(), c.is_empty()) {
-                    (Some(one), true) => self.server.receive_confirmation(one),
+                    (Some(one), true) => {
+                        own(&mut std::iter::once(one.from))?;
+                        self.server.receive_confirmation(one)
+                    }
                     _ => Err(SecAggError::Malformed {
                         reason: "a confirmation message carries exactly one confirmation".into(),
                     }),
                 })
             }
-            SecAggStep::Reveals => {
-                wire::Reveals::from_bytes(m.body).and_then(|r| self.server.receive_reveals(r))
-            }
+            SecAggStep::Reveals => wire::Reveals::from_bytes(m.body).and_then(|r| {
+                own(&mut std::iter::once(r.from))?;
+                self.server.receive_reveals(r)
+            }),
             other => Err(SecAggError::Malformed {
                 reason: format!("{other:?} is sent by the aggregator, not by devices"),
             }),

@@ -321,3 +321,94 @@ async fn below_the_threshold_a_secure_round_fails_with_its_reason_and_the_job_go
     assert_eq!(rounds[1]["accepted"].as_u64(), Some(5));
     agg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_round_is_announced_closed_until_its_session_can_start() {
+    let broker = match Mosquitto::start() {
+        Ok(m) => m,
+        Err(e) => return fedge_tests::skip("announced_closed_until_its_session", &e),
+    };
+    let mut ids = identities(3);
+    let third = ids.pop().expect("three");
+    let dir = temp_dir("secure-late");
+    let cfg = common::config(
+        "fsc",
+        &dir,
+        Some(broker.url()),
+        &ids.iter().collect::<Vec<_>>(),
+        vec![job(3, 3000)],
+    );
+    let agg = Running::start(cfg).await;
+    let mut devices = Vec::new();
+    for id in ids {
+        devices.push(Device::connect(broker.port(), "fsc", id, agg.public_key, JOB).await);
+    }
+    // Two devices cannot mask: the round is announced closed, without a session, so nobody
+    // trains for it and sends an update in clear; at its deadline it fails with the reason.
+    let a = devices[0].announce(JOB, 1).await;
+    assert_eq!((a.round, a.phase), (1, Phase::Closed));
+    assert!(a.secagg.is_none());
+    let a = devices[0].announce(JOB, 2).await;
+    assert_eq!((a.round, a.phase), (2, Phase::Closed));
+    let rounds = rounds_json(&agg).await;
+    let failed = rounds[0]["failed"].as_str().unwrap_or_default();
+    assert!(
+        failed.contains("could not start") && failed.contains("2 devices"),
+        "{rounds:?}"
+    );
+    // A third device registers: the open round gets its session and is announced open.
+    let body = serde_json::json!({
+        "id": third.id,
+        "public_key": third.signer.public_key().to_hex().to_string(),
+    })
+    .to_string();
+    let (code, said) = common::http(agg.http, "POST", "/api/devices", Some(&body)).await;
+    assert_eq!(code, 201, "{said}");
+    devices.push(Device::connect(broker.port(), "fsc", third, agg.public_key, JOB).await);
+    let mut announced = Vec::new();
+    for d in &mut devices {
+        let a = loop {
+            let a = d.announce(JOB, 2).await;
+            if a.phase == Phase::Open {
+                break a;
+            }
+        };
+        assert_eq!(a.secagg.as_ref().map(|s| s.roster().len()), Some(3));
+        announced.push(a);
+    }
+    // A device that sends another device's signed keys as its own is refused.
+    let setup = announced[0].secagg.clone().expect("session");
+    let mut c1 = Client::new(Arc::clone(&setup), &devices[1].signer.public_key().0).expect("c");
+    let keys1 = c1
+        .advertise(devices[1].signer.key_pair())
+        .expect("advertise");
+    let seq = devices[0]
+        .send_secagg(&setup, SecAggStep::Keys, &wire::encode_keys(&keys1))
+        .await;
+    let ack = devices[0].ack(seq).await;
+    assert_eq!(
+        ack.outcome,
+        Outcome::Rejected(Reason::Malformed),
+        "{}",
+        ack.detail
+    );
+    assert!(
+        ack.detail.contains("device 0 sent a message of device 1"),
+        "{}",
+        ack.detail
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (mut d, a)) in devices.into_iter().zip(announced).enumerate() {
+        tasks.spawn(async move {
+            take_part(&mut d, &a, &delta(i, 2, PARAMS), Leave::Never, false).await;
+            d
+        });
+    }
+    let mut devices: Vec<Device> = tasks.join_all().await;
+    let a = devices[0].announce(JOB, 3).await;
+    assert_eq!(a.round, 3);
+    let rounds = rounds_json(&agg).await;
+    assert!(rounds[1]["failed"].is_null(), "{rounds:?}");
+    assert_eq!(rounds[1]["accepted"].as_u64(), Some(3));
+    agg.stop().await;
+}

@@ -432,7 +432,7 @@ async fn federate(
     let cert_path = work.join("aggregator").join("aggregator.cert");
     std::fs::write(
         &cert_path,
-        super::keys::aggregator_certificate(&operator, "operator", &cert, now)?,
+        super::keys::aggregator_certificate(&operator, "operator", &cert, now * 1000)?,
     )
     .context("writing the aggregator certificate")?;
     let mut cfg = aggregator_config(args, work, &agg_key_path, &devices, head)?;
@@ -641,6 +641,7 @@ fn aggregator_config(
             stage_ms: args.deadline_ms,
             dropout: None,
             quant_bits: 16,
+            mod_bits: None,
         });
         job.validate(cfg.broker.max_packet_bytes)
             .map_err(|e| anyhow::anyhow!("job: {e}"))?;

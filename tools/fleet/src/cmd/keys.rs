@@ -83,10 +83,10 @@ fn certify_aggregator(a: &CertifyArgs) -> anyhow::Result<()> {
     }
     let signer = file::load(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
     let public_key = read_public_key(&a.aggregator_pub)?;
-    let now = std::time::SystemTime::now()
+    let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .context("the clock is before 1970")?
-        .as_secs();
+        .context("the clock is before 1970")?;
+    let now = since.as_secs();
     let not_after = now.saturating_add(a.valid_days.saturating_mul(86_400));
     let cert = fedge_proto::msg::AggregatorCert {
         fleet: &a.fleet,
@@ -94,7 +94,8 @@ fn certify_aggregator(a: &CertifyArgs) -> anyhow::Result<()> {
         public_key,
         not_after_unix_s: not_after,
     };
-    let wire = aggregator_certificate(&signer, &a.operator_id, &cert, now)?;
+    let issued_ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
+    let wire = aggregator_certificate(&signer, &a.operator_id, &cert, issued_ms)?;
     std::fs::write(&a.out, &wire).with_context(|| format!("writing {}", a.out.display()))?;
     println!(
         "certified {public_key} as aggregator {:?} of fleet {:?} until {not_after} (unix seconds), signed by {}; wrote {} ({} bytes)",
@@ -134,8 +135,8 @@ fn gen_keys(dir: &Path, force: bool) -> anyhow::Result<()> {
 }
 
 /// The operator's certificate `cert`, signed by `operator` as `operator_id`. The issue time
-/// (`now`, unix seconds) is the envelope's sequence number: devices take a newer certificate over
-/// an older one.
+/// (`issued_ms`, unix milliseconds) is the envelope's sequence number: devices take a newer
+/// certificate over an older one.
 ///
 /// # Errors
 /// An invalid operator id.
