@@ -282,19 +282,36 @@ async fn announcement_where(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sealed_updates_made_before_an_aggregator_restart_are_sealed_again_and_counted() {
-    let Some(broker) = common::mosquitto("fl_sealed_restart") else {
-        return;
-    };
-    let tmp = common::TempDir::new("fl-sealed");
+/// A restart scenario: agents on Dirichlet shards of digits, and an aggregator (one job from
+/// `spec`) whose first run announced round 1 and stopped before the agents started; returned
+/// once every agent has trained round 1.
+struct Restart {
+    _tmp: common::TempDir,
+    devices: Vec<Device>,
+    cfg: fedge_aggregator::Config,
+    store_path: std::path::PathBuf,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+    started: Vec<(Arc<Stats>, JoinHandle<()>)>,
+    digits: Dataset,
+    agg_key: PublicKey,
+}
+
+async fn trained_against_a_stopped_aggregator(
+    broker: &fedge_tests::mosquitto::Mosquitto,
+    tag: &str,
+    ids: &[&str],
+    seed: u64,
+    spec: &str,
+) -> Restart {
+    let tmp = common::TempDir::new(&format!("fl-{tag}"));
     let digits = load_digits(fedge_tests::repo_root().join(DIGITS_PATH)).unwrap();
-    let shards = dirichlet_shards(&digits, 3, 1.0, 20, 5).unwrap();
+    let shards = dirichlet_shards(&digits, ids.len(), 1.0, 20, seed).unwrap();
     let agg_key_path = tmp.0.join("aggregator.key");
     let agg_key = fedge_proto::keys::file::load_or_create(&agg_key_path)
         .unwrap()
         .public_key();
-    let devices: Vec<Device> = ["dev-a", "dev-b", "dev-c"]
+    let devices: Vec<Device> = ids
         .iter()
         .zip(&shards)
         .map(|(id, s)| device(&tmp.0, id, s, &broker.url(), agg_key))
@@ -307,7 +324,7 @@ async fn sealed_updates_made_before_an_aggregator_restart_are_sealed_again_and_c
         ..fedge_aggregator::Config::default()
     };
     cfg.broker.url = Some(broker.url());
-    cfg.broker.client_id = Some(format!("agg-sealed-{}", std::process::id()));
+    cfg.broker.client_id = Some(format!("agg-{tag}-{}", std::process::id()));
     cfg.devices = devices
         .iter()
         .map(|d| DeviceEntry {
@@ -315,14 +332,9 @@ async fn sealed_updates_made_before_an_aggregator_restart_are_sealed_again_and_c
             public_key: d.public_key.to_hex().to_string(),
         })
         .collect();
-    let spec = format!(
-        "id = {JOB:?}\nmodel = {{ zeros = 650 }}\nrounds = 2\nmin_devices = 3\ndeadline_ms = 120000\n\
-         encrypt_updates = true\n[hyper]\nlearning_rate = 0.5\nepochs = 1\nbatch_size = 16\n"
-    );
-    cfg.jobs = vec![JobSpec::parse(&spec, cfg.broker.max_packet_bytes).unwrap()];
+    cfg.jobs = vec![JobSpec::parse(spec, cfg.broker.max_packet_bytes).unwrap()];
     let store_path = cfg.data_dir.join(fedge_aggregator::service::STORE_FILE);
 
-    // The first aggregator run opens round 1, announces it with its keys, and stops.
     let first = fedge_aggregator::Service::bind(cfg.clone()).await.unwrap();
     let (first_stop, first_rx) = tokio::sync::oneshot::channel::<()>();
     let first = tokio::spawn(first.run(async move {
@@ -332,7 +344,6 @@ async fn sealed_updates_made_before_an_aggregator_restart_are_sealed_again_and_c
     let _ = first_stop.send(());
     first.await.unwrap().unwrap();
 
-    // The devices train on that announcement and seal to keys nobody holds any more.
     let (stop_tx, stop_rx) = watch::channel(false);
     let started: Vec<_> = devices.iter().map(|d| start(d, &stop_rx)).collect();
     for (d, (s, _)) in devices.iter().zip(&started) {
@@ -341,6 +352,46 @@ async fn sealed_updates_made_before_an_aggregator_restart_are_sealed_again_and_c
         })
         .await;
     }
+    Restart {
+        _tmp: tmp,
+        devices,
+        cfg,
+        store_path,
+        stop_tx,
+        stop_rx,
+        started,
+        digits,
+        agg_key,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_updates_made_before_an_aggregator_restart_are_sealed_again_and_counted() {
+    let Some(broker) = common::mosquitto("fl_sealed_restart") else {
+        return;
+    };
+    let spec = format!(
+        "id = {JOB:?}\nmodel = {{ zeros = 650 }}\nrounds = 2\nmin_devices = 3\ndeadline_ms = 120000\n\
+         encrypt_updates = true\n[hyper]\nlearning_rate = 0.5\nepochs = 1\nbatch_size = 16\n"
+    );
+    // The devices train on round 1 and seal to keys nobody holds any more.
+    let Restart {
+        _tmp,
+        devices,
+        cfg,
+        store_path,
+        stop_tx,
+        stop_rx,
+        started,
+        ..
+    } = trained_against_a_stopped_aggregator(
+        &broker,
+        "sealed",
+        &["dev-a", "dev-b", "dev-c"],
+        5,
+        &spec,
+    )
+    .await;
 
     // The aggregator comes back with new keys: every update is refused, sealed again, counted;
     // round 2 runs normally.
@@ -381,61 +432,30 @@ async fn secure_aggregation_rounds_run_with_real_agents_and_survive_an_aggregato
     let Some(broker) = common::mosquitto("fl_secure_restart") else {
         return;
     };
-    let tmp = common::TempDir::new("fl-secure");
-    let digits = load_digits(fedge_tests::repo_root().join(DIGITS_PATH)).unwrap();
-    let shards = dirichlet_shards(&digits, 4, 1.0, 20, 9).unwrap();
-    let agg_key_path = tmp.0.join("aggregator.key");
-    let agg_key = fedge_proto::keys::file::load_or_create(&agg_key_path)
-        .unwrap()
-        .public_key();
-    let devices: Vec<Device> = ["dev-a", "dev-b", "dev-c", "dev-d"]
-        .iter()
-        .zip(&shards)
-        .map(|(id, s)| device(&tmp.0, id, s, &broker.url(), agg_key))
-        .collect();
-    let mut cfg = fedge_aggregator::Config {
-        fleet: common::FLEET.into(),
-        data_dir: tmp.0.join("aggregator"),
-        key_file: Some(agg_key_path),
-        tick_ms: 20,
-        ..fedge_aggregator::Config::default()
-    };
-    cfg.broker.url = Some(broker.url());
-    cfg.broker.client_id = Some(format!("agg-secure-{}", std::process::id()));
-    cfg.devices = devices
-        .iter()
-        .map(|d| DeviceEntry {
-            id: d.id.clone(),
-            public_key: d.public_key.to_hex().to_string(),
-        })
-        .collect();
     let spec = format!(
         "id = {JOB:?}\nmodel = {{ zeros = 650 }}\nrounds = 2\ndeadline_ms = 60000\n\
          secure_aggregation = {{ clip = 1.0, stage_ms = 20000 }}\n\
          [hyper]\nlearning_rate = 0.5\nepochs = 1\nbatch_size = 16\nclip_norm = 1.0\n"
     );
-    cfg.jobs = vec![JobSpec::parse(&spec, cfg.broker.max_packet_bytes).unwrap()];
-    let store_path = cfg.data_dir.join(fedge_aggregator::service::STORE_FILE);
-
-    // The first aggregator run announces round 1 with a session, and stops.
-    let first = fedge_aggregator::Service::bind(cfg.clone()).await.unwrap();
-    let (first_stop, first_rx) = tokio::sync::oneshot::channel::<()>();
-    let first = tokio::spawn(first.run(async move {
-        let _ = first_rx.await;
-    }));
-    retained_announcement(broker.port()).await;
-    let _ = first_stop.send(());
-    first.await.unwrap().unwrap();
-
     // The devices train and advertise their keys into a session nobody runs any more.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let started: Vec<_> = devices.iter().map(|d| start(d, &stop_rx)).collect();
-    for (d, (s, _)) in devices.iter().zip(&started) {
-        until(&format!("{}: trains round 1", d.id), || {
-            get(&s.rounds_trained) >= 1
-        })
-        .await;
-    }
+    let Restart {
+        _tmp,
+        devices,
+        cfg,
+        store_path,
+        stop_tx,
+        stop_rx,
+        started,
+        digits,
+        agg_key,
+    } = trained_against_a_stopped_aggregator(
+        &broker,
+        "secure",
+        &["dev-a", "dev-b", "dev-c", "dev-d"],
+        9,
+        &spec,
+    )
+    .await;
 
     // The aggregator comes back with a new session: every device joins it with the update it
     // already trained; both rounds are unmasked.

@@ -527,14 +527,6 @@ impl Engine {
             round.train_loss = mean(|u| u.loss);
             round.train_accuracy = mean(|u| u.accuracy);
         }
-        round.epsilon = lifecycle::epsilon_after(&run.rec.spec, round.round);
-        let mut rec = run.rec.clone();
-        let txn = store.begin()?;
-        let next =
-            lifecycle::close_round(&txn, &mut rec, &mut round, &model, &strategy.state(), now)?;
-        txn.commit()?;
-        let round_s = now.saturating_sub(round.opened_unix_ms) as f64 / 1e3;
-        self.stats.round_completed(job, aggregation_s, round_s);
         tracing::info!(
             job,
             round = round.round,
@@ -542,10 +534,37 @@ impl Engine {
             aggregation_ms = aggregation_s * 1e3,
             "round closed"
         );
+        self.commit_round(job, round, model, strategy.state(), now)
+            .await
+    }
+
+    /// Commits a closed round (its record with ε, the model, the strategy state and the next
+    /// round, in one transaction), moves the job on and publishes its new state.
+    async fn commit_round(
+        &mut self,
+        job: &str,
+        mut round: RoundRecord,
+        model: Vec<f32>,
+        state: Vec<u8>,
+        now: u64,
+    ) -> Result<(), AggregatorError> {
+        let store = Arc::clone(&self.store);
+        let Some(run) = self.jobs.get_mut(job) else {
+            return Ok(());
+        };
+        round.epsilon = lifecycle::epsilon_after(&run.rec.spec, round.round);
+        let mut rec = run.rec.clone();
+        let txn = store.begin()?;
+        let next = lifecycle::close_round(&txn, &mut rec, &mut round, &model, &state, now)?;
+        txn.commit()?;
+        let round_s = now.saturating_sub(round.opened_unix_ms) as f64 / 1e3;
+        let aggregation_s = round.aggregate_ms.unwrap_or(0.0) / 1e3;
+        self.stats.round_completed(job, aggregation_s, round_s);
         run.rec = rec;
         run.round = next;
         run.global = model;
         run.failed_at = None;
+        run.secure = None;
         let clear = round.round.checked_sub(2);
         self.publish_state(job, clear).await
     }
@@ -643,16 +662,7 @@ impl Engine {
                 run.global.clone()
             }
         };
-        let aggregation_s = t0.elapsed().as_secs_f64();
-        round.aggregate_ms = Some(aggregation_s * 1e3);
-        round.epsilon = lifecycle::epsilon_after(&run.rec.spec, round.round);
-        let mut rec = run.rec.clone();
-        let txn = store.begin()?;
-        let next =
-            lifecycle::close_round(&txn, &mut rec, &mut round, &model, &strategy.state(), now)?;
-        txn.commit()?;
-        let round_s = now.saturating_sub(round.opened_unix_ms) as f64 / 1e3;
-        self.stats.round_completed(job, aggregation_s, round_s);
+        round.aggregate_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
         tracing::info!(
             job,
             round = round.round,
@@ -660,13 +670,8 @@ impl Engine {
             failed = round.failed.as_deref().unwrap_or(""),
             "secure aggregation round closed"
         );
-        run.rec = rec;
-        run.round = next;
-        run.global = model;
-        run.failed_at = None;
-        run.secure = None;
-        let clear = round.round.checked_sub(2);
-        self.publish_state(job, clear).await
+        self.commit_round(job, round, model, strategy.state(), now)
+            .await
     }
 
     async fn handle_command(&mut self, cmd: Command) -> Result<(), AggregatorError> {
