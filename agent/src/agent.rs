@@ -530,20 +530,12 @@ impl Agent {
             Err(r) => return self.reject(r, now),
         };
         let key = format!("{}#desired", env.sender);
-        match self.state.state.replay.check(&key, env.seq) {
-            Freshness::Fresh => {
-                if let Err(e) = self.state.save() {
-                    let detail = format!("replay state: {e}");
-                    return self.reject(Rejection::new(Reason::Storage, detail), now);
-                }
-            }
-            Freshness::Duplicate => {
-                return tracing::debug!(seq = env.seq, "desired state already acted on");
-            }
-            Freshness::Replay => {
-                let detail = format!("desired state seq {} is older than the last one", env.seq);
-                return self.reject(Rejection::new(Reason::Replay, detail), now);
-            }
+        match self.guard(&key, env.seq, now, || {
+            format!("desired state seq {} is older than the last one", env.seq)
+        }) {
+            Some(Freshness::Fresh) => {}
+            Some(_) => return tracing::debug!(seq = env.seq, "desired state already acted on"),
+            None => return,
         }
         match decode::<Command<'_>>(env.payload) {
             Ok(Command::Install {
@@ -603,21 +595,14 @@ impl Agent {
             return self.reject(Rejection::new(Reason::Revoked, detail), now);
         }
         let key = format!("{}#certificate", env.sender);
-        match self.state.state.replay.check(&key, env.seq) {
-            Freshness::Fresh => {
-                if let Err(e) = self.state.save() {
-                    let detail = format!("replay state: {e}");
-                    return self.reject(Rejection::new(Reason::Storage, detail), now);
-                }
-            }
-            Freshness::Duplicate => {}
-            Freshness::Replay => {
-                let detail = format!(
-                    "aggregator certificate issued at {} is older than the one accepted",
-                    env.seq
-                );
-                return self.reject(Rejection::new(Reason::Replay, detail), now);
-            }
+        let issued = env.seq;
+        if self
+            .guard(&key, issued, now, || {
+                format!("aggregator certificate issued at {issued} is older than the one accepted")
+            })
+            .is_none()
+        {
+            return;
         }
         let certified = crate::state::CertifiedAggregator {
             id: cert.aggregator.to_string(),
@@ -652,6 +637,33 @@ impl Agent {
                 self.on_round(&t, &job, &payload, now, out);
             }
         }
+    }
+
+    /// The replay guard `key` for `seq`: `Some` when fresh (and saved) or a duplicate; `None`
+    /// once a replay (described by `replay`) or an unsaved state has been reported.
+    fn guard(
+        &mut self,
+        key: &str,
+        seq: u64,
+        now: Now,
+        replay: impl FnOnce() -> String,
+    ) -> Option<Freshness> {
+        let f = self.state.state.replay.check(key, seq);
+        match f {
+            Freshness::Fresh => {
+                if let Err(e) = self.state.save() {
+                    let detail = format!("replay state: {e}");
+                    self.reject(Rejection::new(Reason::Storage, detail), now);
+                    return None;
+                }
+            }
+            Freshness::Duplicate => {}
+            Freshness::Replay => {
+                self.reject(Rejection::new(Reason::Replay, replay()), now);
+                return None;
+            }
+        }
+        Some(f)
     }
 
     /// A certified aggregator key past its expiry is no longer trusted: the pinned one (if
@@ -715,21 +727,16 @@ impl Agent {
             }
         };
         let key = format!("{}#round/{job}", env.sender);
-        match self.state.state.replay.check(&key, env.seq) {
-            Freshness::Fresh => {
-                if let Err(e) = self.state.save() {
-                    let detail = format!("replay state: {e}");
-                    return self.reject(Rejection::new(Reason::Storage, detail), now);
-                }
-            }
-            Freshness::Duplicate => {}
-            Freshness::Replay => {
-                let detail = format!(
+        if self
+            .guard(&key, env.seq, now, || {
+                format!(
                     "announcement seq {} of {job} is older than the last one",
                     env.seq
-                );
-                return self.reject(Rejection::new(Reason::Replay, detail), now);
-            }
+                )
+            })
+            .is_none()
+        {
+            return;
         }
         let r = self.learner.as_mut().map(|l| l.on_announce(&a, out));
         match r {
