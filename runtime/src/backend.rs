@@ -18,6 +18,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// A human-readable reason (no adapter, feature off, ...).
     fn check(&self) -> Result<(), String>;
 
+    /// Whether `gpu-or-cpu` should pick this backend; by default whenever it can run.
+    ///
+    /// # Errors
+    /// Why not (for the GPU: no adapter, or only a software one).
+    fn auto_check(&self) -> Result<(), String> {
+        self.check()
+    }
+
     /// Prepares a graph for repeated runs.
     ///
     /// # Errors
@@ -38,10 +46,28 @@ pub trait Executable: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
 
+    /// Which nodes this backend runs itself and which it hands to the CPU, for backends that
+    /// partition (the GPU backend, after its first plan).
+    fn placement(&self) -> Option<Placement> {
+        None
+    }
+
     /// Output descriptions, when the backend knows them before a run.
     fn outputs(&self) -> Option<Vec<TensorInfo>> {
         None
     }
+}
+
+/// How a partitioning backend placed a graph's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Placement {
+    /// Nodes the backend runs itself (views excluded).
+    pub nodes: usize,
+    /// Nodes handed to tract on the CPU.
+    pub fallback: usize,
+    /// Matrix products and convolutions the backend runs itself, and in total.
+    pub heavy: usize,
+    pub heavy_total: usize,
 }
 
 /// The backends compiled into this build, and name resolution.
@@ -52,9 +78,11 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry {
-            backends: vec![Arc::new(crate::cpu::CpuBackend)],
-        }
+        #[allow(unused_mut)]
+        let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(crate::cpu::CpuBackend)];
+        #[cfg(feature = "gpu")]
+        backends.push(Arc::new(crate::gpu::GpuBackend));
+        Registry { backends }
     }
 }
 
@@ -96,7 +124,7 @@ impl Registry {
                 Ok((b, format!("{name} requested")))
             }
             "gpu-or-cpu" => {
-                let why = match self.get("gpu").map(|g| (g.check(), g)) {
+                let why = match self.get("gpu").map(|g| (g.auto_check(), g)) {
                     Some((Ok(()), g)) => return Ok((g, "a GPU adapter is available".into())),
                     Some((Err(reason), _)) => reason,
                     None => "this build has no GPU backend".into(),
@@ -114,6 +142,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(not(feature = "gpu"))]
     fn gpu_is_cleanly_unavailable_without_the_feature() {
         let r = Registry::default();
         let err = r.resolve("gpu").expect_err("no gpu backend");

@@ -28,31 +28,7 @@ impl Backend for CpuBackend {
     }
 
     fn prepare(&self, graph: &Graph, opts: &ModelOptions) -> Result<Box<dyn Executable>> {
-        let executor = (opts.threads > 1).then(|| Executor::multithread(opts.threads));
-        // A graph that still has `If`s is re-imported per plan with concrete shapes, and its
-        // integer scalars (which may decide an `If`) baked per value.
-        let specialize = crate::import::has_if(&graph.proto);
-        let control = if specialize {
-            graph
-                .inputs
-                .iter()
-                .enumerate()
-                .filter(|(_, i)| {
-                    i.shape.is_empty() && matches!(i.dtype, Some(DType::I64 | DType::I32))
-                })
-                .map(|(k, _)| k)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let exec = CpuExec {
-            proto: graph.proto.clone(),
-            inputs: graph.inputs.clone(),
-            specialize,
-            control,
-            executor,
-            plans: Mutex::new(Vec::new()),
-        };
+        let exec = CpuExec::new(graph, opts);
         if let Some(shapes) = exec.static_shapes().filter(|_| exec.control.is_empty()) {
             exec.plan(
                 &PlanKey {
@@ -70,12 +46,12 @@ type Plan = Arc<TypedRunnableModel>;
 
 /// What a plan is specialised to: every input's shape, and the values of `specialize` inputs.
 #[derive(Debug, Clone, PartialEq)]
-struct PlanKey {
-    shapes: Vec<Vec<usize>>,
-    values: Vec<HostTensor>,
+pub(crate) struct PlanKey {
+    pub shapes: Vec<Vec<usize>>,
+    pub values: Vec<HostTensor>,
 }
 
-struct CpuExec {
+pub(crate) struct CpuExec {
     proto: tract_onnx::pb::ModelProto,
     inputs: Vec<TensorInfo>,
     /// Whether plans re-import the graph for their shapes and control values (`If`s remain).
@@ -194,8 +170,59 @@ pub(crate) fn from_tract(t: &Tensor) -> Result<HostTensor> {
 }
 
 impl CpuExec {
+    pub(crate) fn new(graph: &Graph, opts: &ModelOptions) -> CpuExec {
+        let executor = (opts.threads > 1).then(|| Executor::multithread(opts.threads));
+        // A graph that still has `If`s is re-imported per plan with concrete shapes, and its
+        // integer scalars (which may decide an `If`) baked per value.
+        let specialize = crate::import::has_if(&graph.proto);
+        let control = if specialize {
+            graph
+                .inputs
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| {
+                    i.shape.is_empty() && matches!(i.dtype, Some(DType::I64 | DType::I32))
+                })
+                .map(|(k, _)| k)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        CpuExec {
+            proto: graph.proto.clone(),
+            inputs: graph.inputs.clone(),
+            specialize,
+            control,
+            executor,
+            plans: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether plans depend on input values (integer scalars deciding an `If`).
+    pub(crate) fn has_control(&self) -> bool {
+        !self.control.is_empty()
+    }
+
+    /// The key of the plan for `inputs`.
+    pub(crate) fn key(&self, inputs: &[HostTensor]) -> PlanKey {
+        PlanKey {
+            shapes: inputs.iter().map(|t| t.shape().to_vec()).collect(),
+            values: self.control.iter().map(|&k| inputs[k].clone()).collect(),
+        }
+    }
+
+    /// The tract tensors fed to a plan (control inputs are baked into it).
+    pub(crate) fn feed(&self, inputs: &[HostTensor]) -> Result<TVec<TValue>> {
+        inputs
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !self.control.contains(k))
+            .map(|(_, t)| to_tract(t).map(|t| t.into_tvalue()))
+            .collect()
+    }
+
     /// Input shapes, when the graph fixes every one of them.
-    fn static_shapes(&self) -> Option<Vec<Vec<usize>>> {
+    pub(crate) fn static_shapes(&self) -> Option<Vec<Vec<usize>>> {
         self.inputs
             .iter()
             .map(|i| {
@@ -210,14 +237,13 @@ impl CpuExec {
             .collect()
     }
 
-    fn plan(&self, key: &PlanKey, inputs: &[HostTensor]) -> Result<Plan> {
-        let mut plans = self
-            .plans
-            .lock()
-            .map_err(|_| RuntimeError::Backend("plan cache poisoned".into()))?;
-        if let Some((_, p)) = plans.iter().find(|(k, _)| k == key) {
-            return Ok(p.clone());
-        }
+    /// The graph as tract's inference model, with the input facts of `key` (and its control
+    /// values baked when the graph has `If`s).
+    pub(crate) fn inference_model(
+        &self,
+        key: &PlanKey,
+        inputs: &[HostTensor],
+    ) -> Result<InferenceModel> {
         let proto = if self.specialize {
             let consts = self
                 .control
@@ -253,6 +279,18 @@ impl CpuExec {
                 .with_input_fact(i, fact)
                 .map_err(RuntimeError::backend)?;
         }
+        Ok(model)
+    }
+
+    fn plan(&self, key: &PlanKey, inputs: &[HostTensor]) -> Result<Plan> {
+        let mut plans = self
+            .plans
+            .lock()
+            .map_err(|_| RuntimeError::Backend("plan cache poisoned".into()))?;
+        if let Some((_, p)) = plans.iter().find(|(k, _)| k == key) {
+            return Ok(p.clone());
+        }
+        let model = self.inference_model(key, inputs)?;
         let opts = RunOptions {
             executor: self.executor.clone(),
             ..Default::default()
@@ -272,17 +310,9 @@ impl CpuExec {
 
 impl Executable for CpuExec {
     fn run(&self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>> {
-        let key = PlanKey {
-            shapes: inputs.iter().map(|t| t.shape().to_vec()).collect(),
-            values: self.control.iter().map(|&k| inputs[k].clone()).collect(),
-        };
+        let key = self.key(&inputs);
         let plan = self.plan(&key, &inputs)?;
-        let values: TVec<TValue> = inputs
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| !self.control.contains(k))
-            .map(|(_, t)| to_tract(t).map(|t| t.into_tvalue()))
-            .collect::<Result<_>>()?;
+        let values = self.feed(&inputs)?;
         let run = || plan.run(values);
         let out = match &self.executor {
             Some(e) => tract_linalg::multithread::multithread_tract_scope(e.clone(), run),

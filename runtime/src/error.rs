@@ -60,6 +60,33 @@ pub enum RuntimeError {
     Npy(String),
     #[error("{0}")]
     Backend(String),
+    #[error("gpu: {0}")]
+    Gpu(#[from] GpuError),
+}
+
+/// What can go wrong on the GPU backend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GpuError {
+    #[error("no usable GPU adapter: {0}")]
+    NoAdapter(String),
+    #[error("the GPU device was lost ({0}); prepare the model again")]
+    DeviceLost(String),
+    #[error("out of GPU memory: {0}")]
+    OutOfMemory(String),
+    #[error("{what} needs {needed} but this adapter allows at most {max}")]
+    Limit { what: String, needed: u64, max: u64 },
+    #[error("kernel {kernel} does not compile on this adapter: {detail}")]
+    Kernel {
+        kernel: &'static str,
+        detail: String,
+    },
+    #[error("GPU validation error: {0}")]
+    Validation(String),
+    #[error("GPU readback failed: {0}")]
+    Readback(String),
+    #[error("the GPU did not finish in time: {0}")]
+    Timeout(String),
 }
 
 impl RuntimeError {

@@ -8,6 +8,7 @@
 //! - [`Model`] / [`Graph`] (`model`): load, inspect, validate and run;
 //! - [`ModelOptions`] (`options`): threads, backend, shapes, constant inputs;
 //! - [`Backend`], [`Registry`] (`backend`) and the tract CPU backend (`cpu`);
+//! - `gpu` (feature `gpu`): the wgpu backend with per-node CPU fallback;
 //! - [`Tensor`] (`tensor`) and [`npy`]: host tensors and numpy files;
 //! - [`manifest`]: a model's `manifest.toml` (source, licence, shapes, tolerances, references);
 //! - [`train`]: on-device training of a model's head (the federated-learning state), its data
@@ -26,6 +27,8 @@
 mod backend;
 mod cpu;
 mod error;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 mod import;
 pub mod manifest;
 mod model;
@@ -34,8 +37,8 @@ mod options;
 mod tensor;
 pub mod train;
 
-pub use backend::{Backend, Executable, Registry};
-pub use error::{Result, RuntimeError};
+pub use backend::{Backend, Executable, Placement, Registry};
+pub use error::{GpuError, Result, RuntimeError};
 pub use model::{Dim, Graph, Model, QuantFormat, TensorInfo};
 pub use options::ModelOptions;
 pub use tensor::{DType, Element, Tensor};

@@ -7,7 +7,7 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
 use tract_onnx::pb::type_proto::Value as TypeValue;
 
-use crate::backend::{Executable, Registry};
+use crate::backend::{Executable, Placement, Registry};
 use crate::error::{Result, RuntimeError};
 use crate::import;
 use crate::options::ModelOptions;
@@ -250,9 +250,25 @@ impl Model {
         registry: &Registry,
     ) -> Result<Model> {
         let graph = Graph::import(bytes, opts)?;
-        let (backend, backend_reason) = registry.resolve(&opts.backend)?;
+        let (mut backend, mut backend_reason) = registry.resolve(&opts.backend)?;
+        let mut exec = backend.prepare(&graph, opts)?;
+        // `gpu-or-cpu` keeps the GPU only when it runs the model's heavy ops itself.
+        if opts.backend == "gpu-or-cpu"
+            && let Some(Placement {
+                heavy: on,
+                heavy_total: total,
+                ..
+            }) = exec.placement()
+            && on < total
+        {
+            let (cpu, _) = registry.resolve("cpu")?;
+            backend_reason = format!(
+                "fell back to the CPU: the GPU backend runs {on} of the model's {total} matrix products and convolutions"
+            );
+            exec = cpu.prepare(&graph, opts)?;
+            backend = cpu;
+        }
         tracing::info!(backend = backend.name(), reason = %backend_reason, "backend selected");
-        let exec = backend.prepare(&graph, opts)?;
         Ok(Model {
             graph,
             exec,
@@ -282,6 +298,11 @@ impl Model {
     /// What the backend does with the graph (for `fedge check`).
     pub fn describe(&self) -> Vec<String> {
         self.exec.describe()
+    }
+
+    /// How a partitioning backend (the GPU) placed the nodes of its latest plan.
+    pub fn placement(&self) -> Option<Placement> {
+        self.exec.placement()
     }
 
     /// Runs the model on inputs in declaration order.

@@ -16,6 +16,10 @@ pub struct Outcome {
     pub cases: usize,
     pub max_abs: f64,
     pub top1_agree: f64,
+    /// The backend's node placement (GPU backend).
+    pub placement: Option<fedge_runtime::Placement>,
+    /// `Model::describe` after the runs.
+    pub describe: Vec<String>,
 }
 
 /// Loads a zoo model with `opts` (default: the manifest's shapes) and compares every reference
@@ -101,5 +105,7 @@ pub fn check(name: &str, opts: Option<ModelOptions>) -> Option<Outcome> {
         cases: cases.len(),
         max_abs,
         top1_agree: top1,
+        placement: model.placement(),
+        describe: model.describe(),
     })
 }

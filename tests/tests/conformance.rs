@@ -1,4 +1,4 @@
-//! ONNX backend node-test conformance of the CPU backend.
+//! ONNX backend node-test conformance of the CPU and GPU backends.
 //!
 //! One trial per case directory of `.cache/onnx-node` (fetched by
 //! `tools/scripts/fetch_onnx_node_tests.sh`), named `cpu::<case>`. Cases listed in
@@ -13,6 +13,12 @@
 //! `test_data_set_0/input_*.pb` and each output must match `output_*.pb`: same dtype and
 //! shape, floats within `|a - b| <= ATOL + RTOL * |b|` (float16: `ATOL_F16`, `RTOL_F16`; NaN
 //! matches NaN, infinities must be equal), integers and bools exactly.
+//!
+//! The GPU backend gets a trial per case too, `gpu::<case>`, with its own allow-list
+//! `tests/conformance/gpu.allow`: the same comparison, and at least one node must run on the GPU
+//! (a case the backend handed wholly to the CPU fails). Without a GPU adapter (no Vulkan, Metal,
+//! DX12 or GL driver; CI installs Mesa's lavapipe) every GPU trial is ignored, with the reason
+//! printed.
 //!
 //! `FEDGE_CONFORMANCE_REPORT=<file>` writes one `case<TAB>status<TAB>reason` line per trial run.
 
@@ -90,8 +96,11 @@ fn load_and_run(
     graph: &Graph,
     inputs: &[Tensor],
     bake: Bake,
+    backend: &str,
 ) -> Result<(Vec<Tensor>, Vec<String>), String> {
-    let mut opts = ModelOptions::default().allow_non_finite(true);
+    let mut opts = ModelOptions::default()
+        .allow_non_finite(true)
+        .backend(backend);
     let mut fed = Vec::new();
     for (k, (info, t)) in graph.inputs().iter().zip(inputs).enumerate() {
         if bake.bakes(k, t) {
@@ -103,6 +112,16 @@ fn load_and_run(
     }
     let model = Model::from_bytes(bytes, &opts).map_err(|e| format!("load: {e}"))?;
     let got = model.run(&fed).map_err(|e| format!("run: {e}"))?;
+    if backend == "gpu" {
+        let p = model.placement().unwrap_or_default();
+        if p.nodes == 0 {
+            return Err(format!(
+                "no node ran on the GPU ({} handed to the CPU): {}",
+                p.fallback,
+                model.describe().join("; ")
+            ));
+        }
+    }
     Ok((got, model.output_names().to_vec()))
 }
 
@@ -165,7 +184,7 @@ fn what_is(pb: &[u8]) -> String {
 }
 
 /// Runs one case; `Ok(how its inputs were baked)` when every output matches.
-fn run_case(dir: &Path) -> Result<&'static str, String> {
+fn run_case(dir: &Path, backend: &str) -> Result<&'static str, String> {
     let bytes =
         std::fs::read(dir.join("model.onnx")).map_err(|e| format!("read model.onnx: {e}"))?;
     let data = dir.join("test_data_set_0");
@@ -194,7 +213,7 @@ fn run_case(dir: &Path) -> Result<&'static str, String> {
         {
             break;
         }
-        match load_and_run(&bytes, &graph, &inputs, bake) {
+        match load_and_run(&bytes, &graph, &inputs, bake, backend) {
             Ok(r) => {
                 result = Some((bake, r));
                 break;
@@ -297,6 +316,18 @@ fn main() {
         return;
     }
     let allow = read_allow(&root.join("tests/conformance/cpu.allow"));
+    let gpu_allow = read_allow(&root.join("tests/conformance/gpu.allow"));
+    let gpu = fedge_runtime::gpu::adapter();
+    match &gpu {
+        Ok(a) => println!(
+            "conformance gpu: adapter {} ({}, {}{})",
+            a.name,
+            a.api,
+            a.kind,
+            if a.software { ", software" } else { "" }
+        ),
+        Err(e) => println!("SKIPPED conformance gpu (trials ignored): {e}"),
+    }
     let mut cases: Vec<(String, PathBuf)> = std::fs::read_dir(&cases_dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
@@ -308,35 +339,50 @@ fn main() {
         .unwrap_or_default();
     cases.sort();
     let total = cases.len();
-    for name in allow.iter().filter(|n| !cases.iter().any(|(c, _)| c == *n)) {
+    for name in allow
+        .iter()
+        .chain(&gpu_allow)
+        .filter(|n| !cases.iter().any(|(c, _)| c == *n))
+    {
         eprintln!("conformance: allow-listed case {name} not found in .cache/onnx-node");
     }
 
     let report: Report = Arc::default();
-    let trials = cases
-        .into_iter()
-        .map(|(name, dir)| {
-            let ignored = !allow.contains(&name);
-            let report = report.clone();
-            let case = name.clone();
-            Trial::test(format!("cpu::{name}"), move || {
-                let r = run_case(&dir);
-                if let Ok(mut rep) = report.lock() {
-                    match &r {
-                        Ok(bake) => rep.push((case, "pass", format!("baked: {bake}"))),
-                        Err(e) => rep.push((case, "fail", e.replace(['\n', '\t'], " "))),
-                    }
+    let trial = |backend: &'static str, name: &str, dir: &Path, ignored: bool| {
+        let report = report.clone();
+        let case = format!("{backend}::{name}");
+        let dir = dir.to_path_buf();
+        Trial::test(case.clone(), move || {
+            let r = run_case(&dir, backend);
+            if let Ok(mut rep) = report.lock() {
+                match &r {
+                    Ok(bake) => rep.push((case, "pass", format!("baked: {bake}"))),
+                    Err(e) => rep.push((case, "fail", e.replace(['\n', '\t'], " "))),
                 }
-                r.map(drop).map_err(Failed::from)
-            })
-            .with_ignored_flag(ignored)
+            }
+            r.map(drop).map_err(Failed::from)
         })
+        .with_ignored_flag(ignored)
+    };
+    let mut trials: Vec<Trial> = cases
+        .iter()
+        .map(|(name, dir)| trial("cpu", name, dir, !allow.contains(name)))
         .collect();
+    trials.extend(
+        cases
+            .iter()
+            .map(|(name, dir)| trial("gpu", name, dir, gpu.is_err() || !gpu_allow.contains(name))),
+    );
 
     let conclusion = libtest_mimic::run(&args, trials);
     println!(
-        "conformance cpu: {} passed, {} failed, {} ignored of {total}",
-        conclusion.num_passed, conclusion.num_failed, conclusion.num_ignored
+        "conformance: {} passed, {} failed, {} ignored of {} trials ({total} cases on cpu and gpu; {} cpu and {} gpu allow-listed)",
+        conclusion.num_passed,
+        conclusion.num_failed,
+        conclusion.num_ignored,
+        2 * total,
+        allow.len(),
+        gpu_allow.len()
     );
     if let Ok(path) = std::env::var("FEDGE_CONFORMANCE_REPORT")
         && let Ok(mut rep) = report.lock()

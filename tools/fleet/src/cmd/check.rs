@@ -176,6 +176,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let verdict = match registry.resolve(name) {
             Err(e) => format!("not available: {e}"),
             Ok(_) => match Model::from_bytes_with(&bytes, &opts.clone().backend(name), &registry) {
+                Ok(m) if name == "gpu" => {
+                    format!(
+                        "runs it, nodes without a GPU kernel on the CPU ({})",
+                        m.describe().join("; ")
+                    )
+                }
                 Ok(m) => format!("runs every node ({})", m.describe().join("; ")),
                 Err(e) => format!("cannot run it: {e}"),
             },
