@@ -16,9 +16,10 @@
 //!
 //! The GPU backend gets a trial per case too, `gpu::<case>`, with its own allow-list
 //! `tests/conformance/gpu.allow`: the same comparison, and at least one node must run on the GPU
-//! (a case the backend handed wholly to the CPU fails). Without a GPU adapter (no Vulkan, Metal,
-//! DX12 or GL driver; CI installs Mesa's lavapipe) every GPU trial is ignored, with the reason
-//! printed.
+//! (a case the backend handed wholly to the CPU fails); a case marked `# all-on-gpu` there must
+//! run every node on the GPU, so each kernel is proven on its own node tests. Without a GPU
+//! adapter (no Vulkan, Metal, DX12 or GL driver; CI installs Mesa's lavapipe) every GPU trial
+//! is ignored, with the reason printed.
 //!
 //! `FEDGE_CONFORMANCE_REPORT=<file>` writes one `case<TAB>status<TAB>reason` line per trial run.
 
@@ -42,9 +43,15 @@ fn repo_root() -> PathBuf {
 }
 
 fn read_allow(path: &Path) -> std::collections::BTreeSet<String> {
+    read_allow_tagged(path, None)
+}
+
+/// The allow-listed cases, or only those whose comment carries `tag`.
+fn read_allow_tagged(path: &Path, tag: Option<&str>) -> std::collections::BTreeSet<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
+        .filter(|l| tag.is_none_or(|t| l.split_once('#').is_some_and(|(_, c)| c.contains(t))))
         .map(|l| l.split('#').next().unwrap_or("").trim())
         .filter(|l| !l.is_empty())
         .map(str::to_owned)
@@ -97,7 +104,8 @@ fn load_and_run(
     inputs: &[Tensor],
     bake: Bake,
     backend: &str,
-) -> Result<(Vec<Tensor>, Vec<String>), String> {
+    all_on_gpu: bool,
+) -> Result<(Vec<Tensor>, Vec<String>, usize), String> {
     let mut opts = ModelOptions::default()
         .allow_non_finite(true)
         .backend(backend);
@@ -112,6 +120,7 @@ fn load_and_run(
     }
     let model = Model::from_bytes(bytes, &opts).map_err(|e| format!("load: {e}"))?;
     let got = model.run(&fed).map_err(|e| format!("run: {e}"))?;
+    let mut on_cpu = 0;
     if backend == "gpu" {
         let p = model.placement().unwrap_or_default();
         if p.nodes == 0 {
@@ -121,8 +130,16 @@ fn load_and_run(
                 model.describe().join("; ")
             ));
         }
+        if all_on_gpu && p.fallback > 0 {
+            return Err(format!(
+                "{} node(s) ran on the CPU, but gpu.allow marks the case all-on-gpu: {}",
+                p.fallback,
+                model.describe().join("; ")
+            ));
+        }
+        on_cpu = p.fallback;
     }
-    Ok((got, model.output_names().to_vec()))
+    Ok((got, model.output_names().to_vec(), on_cpu))
 }
 
 /// Names what an undecodable `.pb` holds: a tensor of an element type fedge has no host type
@@ -184,7 +201,9 @@ fn what_is(pb: &[u8]) -> String {
 }
 
 /// Runs one case; `Ok(how its inputs were baked)` when every output matches.
-fn run_case(dir: &Path, backend: &str) -> Result<&'static str, String> {
+/// Runs one case; on success, the report line's reason (`baked: ...`, and on the GPU how many
+/// nodes ran on the CPU).
+fn run_case(dir: &Path, backend: &str, all_on_gpu: bool) -> Result<String, String> {
     let bytes =
         std::fs::read(dir.join("model.onnx")).map_err(|e| format!("read model.onnx: {e}"))?;
     let data = dir.join("test_data_set_0");
@@ -213,7 +232,7 @@ fn run_case(dir: &Path, backend: &str) -> Result<&'static str, String> {
         {
             break;
         }
-        match load_and_run(&bytes, &graph, &inputs, bake, backend) {
+        match load_and_run(&bytes, &graph, &inputs, bake, backend, all_on_gpu) {
             Ok(r) => {
                 result = Some((bake, r));
                 break;
@@ -221,7 +240,7 @@ fn run_case(dir: &Path, backend: &str) -> Result<&'static str, String> {
             Err(e) => errors.push(format!("[baked {}] {e}", bake.name())),
         }
     }
-    let Some((bake, (got, names))) = result else {
+    let Some((bake, (got, names, on_cpu))) = result else {
         return Err(errors.join(" / "));
     };
     if got.len() != expected.len() {
@@ -236,7 +255,11 @@ fn run_case(dir: &Path, backend: &str) -> Result<&'static str, String> {
         compare(g, e)
             .map_err(|why| format!("output {k} ({name}), inputs baked: {}: {why}", bake.name()))?;
     }
-    Ok(bake.name())
+    Ok(if backend == "gpu" {
+        format!("baked: {}; cpu nodes: {on_cpu}", bake.name())
+    } else {
+        format!("baked: {}", bake.name())
+    })
 }
 
 fn compare(got: &Tensor, want: &Tensor) -> Result<(), String> {
@@ -317,6 +340,10 @@ fn main() {
     }
     let allow = read_allow(&root.join("tests/conformance/cpu.allow"));
     let gpu_allow = read_allow(&root.join("tests/conformance/gpu.allow"));
+    let all_on_gpu = Arc::new(read_allow_tagged(
+        &root.join("tests/conformance/gpu.allow"),
+        Some("all-on-gpu"),
+    ));
     let gpu = fedge_runtime::gpu::adapter();
     match &gpu {
         Ok(a) => println!(
@@ -352,11 +379,12 @@ fn main() {
         let report = report.clone();
         let case = format!("{backend}::{name}");
         let dir = dir.to_path_buf();
+        let strict = backend == "gpu" && all_on_gpu.contains(name);
         Trial::test(case.clone(), move || {
-            let r = run_case(&dir, backend);
+            let r = run_case(&dir, backend, strict);
             if let Ok(mut rep) = report.lock() {
                 match &r {
-                    Ok(bake) => rep.push((case, "pass", format!("baked: {bake}"))),
+                    Ok(how) => rep.push((case, "pass", how.clone())),
                     Err(e) => rep.push((case, "fail", e.replace(['\n', '\t'], " "))),
                 }
             }

@@ -13,11 +13,18 @@ use std::sync::atomic::Ordering;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool, PoolSpec, SumPool};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-use tract_onnx::tract_core::ops::nn::{DataFormat, LeakyRelu, Softmax, SoftmaxKind};
+use tract_onnx::tract_core::ops::nn::resize::{AxisPlan, NearestUpsample, Resize};
+use tract_onnx::tract_core::ops::nn::{
+    DataFormat, LeakyRelu, Reduce, Reducer, Softmax, SoftmaxKind,
+};
+use tract_onnx::tract_core::ops::quant::{
+    DequantizeLinearF32, LookupTable, QuantizeLinearI8, QuantizeLinearU8,
+};
 use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_core::plan::EvalContext;
 
@@ -250,6 +257,51 @@ fn jobs_for(model: &TypedModel, node: &TypedNode) -> Option<Vec<Job>> {
         return Some(single_job(&kernels::BINARY, p, &node.inputs, n_out as u64));
     }
     if let Some(ew) = op.downcast_ref::<ElementWiseOp>() {
+        let quant = if let Some(q) = ew.0.downcast_ref::<QuantizeLinearU8>() {
+            Some((q.scale, q.zero_point as i32))
+        } else {
+            ew.0.downcast_ref::<QuantizeLinearI8>()
+                .map(|q| (q.scale, q.zero_point as i32))
+        };
+        if let Some(lut) = ew.0.downcast_ref::<LookupTable>() {
+            let table = lut.table.table();
+            if table.len() != 256
+                || !is_8bit(ins[0].0)
+                || ins[0].0.unquantized() != odt.unquantized()
+            {
+                return None;
+            }
+            let mut p = vec![u32::try_from(n_out).ok()?];
+            p.extend(
+                table
+                    .chunks(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+            let words = n_out.div_ceil(4) as u64;
+            return Some(single_job(&kernels::LUT, p, &node.inputs, words));
+        }
+        if let Some((scale, zero)) = quant {
+            let xk = match ins[0].0 {
+                DatumType::F32 => 3,
+                DatumType::I32 => 2,
+                _ => return None,
+            };
+            let yk = match odt.unquantized() {
+                DatumType::U8 => 0,
+                DatumType::I8 => 1,
+                _ => return None,
+            };
+            let p = vec![
+                u32::try_from(n_out).ok()?,
+                0,
+                xk,
+                yk,
+                scale.to_bits(),
+                zero as u32,
+            ];
+            let words = n_out.div_ceil(4) as u64;
+            return Some(single_job(&kernels::QUANT, p, &node.inputs, words));
+        }
         let code = kernels::unary_code(&ew.0.name())?;
         if !(is_f32(odt) && is_f32(ins[0].0)) {
             return None;
@@ -257,6 +309,133 @@ fn jobs_for(model: &TypedModel, node: &TypedNode) -> Option<Vec<Job>> {
         let alpha = ew.0.downcast_ref::<LeakyRelu>().map_or(0.0, |l| l.alpha);
         let p = vec![u32::try_from(n_out).ok()?, code, alpha.to_bits()];
         return Some(single_job(&kernels::UNARY, p, &node.inputs, n_out as u64));
+    }
+    if let Some(rs) = op.downcast_ref::<Resize>() {
+        let ishape = &ins[0].1;
+        if !(is_f32(odt) && is_f32(ins[0].0)) || ishape.len() != oshape.len() {
+            return None;
+        }
+        let given = rs
+            .optional_scales_input
+            .and_then(|ix| node.inputs.get(ix))
+            .map(|&o| konst(model, o).and_then(|t| values::<f32>(&t)));
+        let scales: Vec<f32> = match given {
+            Some(None) => return None,
+            Some(Some(v)) if v.len() == ishape.len() => v,
+            _ => oshape
+                .iter()
+                .zip(ishape)
+                .map(|(&o, &i)| o as f32 / i as f32)
+                .collect(),
+        };
+        let plans = (0..ishape.len()).filter_map(|axis| {
+            let (len_in, len_out) = (ishape[axis], oshape[axis]);
+            (!(len_in == len_out && scales[axis] == 1.0))
+                .then(|| (axis, rs.plan_axis(scales[axis], len_in, len_out)))
+        });
+        return resample_jobs(node, ishape, plans.collect());
+    }
+    if let Some(up) = op.downcast_ref::<NearestUpsample>() {
+        let ishape = &ins[0].1;
+        if !(is_f32(odt) && is_f32(ins[0].0)) || up.scales.len() != ishape.len() {
+            return None;
+        }
+        let plans = up
+            .scales
+            .iter()
+            .enumerate()
+            .filter(|&(_, &s)| s > 1)
+            .map(|(axis, &s)| {
+                let len_out = ishape[axis] * s;
+                let plan = AxisPlan {
+                    window: 1,
+                    indices: (0..len_out).map(|x| x / s).collect(),
+                    weights: vec![1.0; len_out],
+                    extrapolated: vec![false; len_out],
+                };
+                (axis, plan)
+            });
+        return resample_jobs(node, ishape, plans.collect());
+    }
+    if let Some(cast) = op.downcast_ref::<Cast>() {
+        let kind = |dt: DatumType| match dt.unquantized() {
+            DatumType::U8 => Some(0u32),
+            DatumType::I8 => Some(1),
+            DatumType::I32 => Some(2),
+            DatumType::F32 => Some(3),
+            _ => None,
+        };
+        // Casts from or to quantized types (de)quantize in tract: those stay on the CPU.
+        if ins[0].0.is_quantized() || cast.to.is_quantized() {
+            return None;
+        }
+        let (xk, yk) = (kind(ins[0].0)?, kind(cast.to)?);
+        let threads = if yk < 2 { n_out.div_ceil(4) } else { n_out } as u64;
+        let p = vec![u32::try_from(n_out).ok()?, xk, yk];
+        return Some(single_job(&kernels::CAST, p, &node.inputs, threads));
+    }
+    if let Some(dq) = op.downcast_ref::<DequantizeLinearF32>() {
+        let xk = match ins[0].0.unquantized() {
+            DatumType::U8 => 0,
+            DatumType::I8 => 1,
+            DatumType::I32 => 2,
+            _ => return None,
+        };
+        if !is_f32(odt) {
+            return None;
+        }
+        let p = vec![
+            u32::try_from(n_out).ok()?,
+            1,
+            xk,
+            3,
+            dq.scale.to_bits(),
+            dq.zero_point as u32,
+        ];
+        return Some(single_job(&kernels::QUANT, p, &node.inputs, n_out as u64));
+    }
+    if let Some(red) = op.downcast_ref::<Reduce>() {
+        let code = match red.reducer {
+            Reducer::Sum => 0,
+            Reducer::Max => 1,
+            Reducer::Min => 2,
+            Reducer::Prod => 3,
+            Reducer::MeanOfSquares => 4,
+            _ => return None,
+        };
+        let ishape = &ins[0].1;
+        if !(is_f32(odt) && is_f32(ins[0].0)) || ishape.len() > 6 || ishape.len() != oshape.len() {
+            return None;
+        }
+        let strides = contiguous_strides(ishape);
+        let lead = 6 - ishape.len();
+        let mut oshape6 = vec![1u32; 6];
+        let mut ostr = vec![0u32; 6];
+        let mut rshape = vec![1u32; 6];
+        let mut rstr = vec![0u32; 6];
+        for (d, (&size, &stride)) in ishape.iter().zip(&strides).enumerate() {
+            let (sh, st) = if red.axes.contains(&d) {
+                (&mut rshape, &mut rstr)
+            } else {
+                (&mut oshape6, &mut ostr)
+            };
+            sh[lead + d] = u32::try_from(size).ok()?;
+            st[lead + d] = u32::try_from(stride).ok()?;
+        }
+        let count: usize = red
+            .axes
+            .iter()
+            .map(|&a| ishape.get(a).copied())
+            .product::<Option<usize>>()?;
+        if count == 0 {
+            return None;
+        }
+        let mut p = vec![u32::try_from(n_out).ok()?, code, u32::try_from(count).ok()?];
+        p.extend(oshape6);
+        p.extend(ostr);
+        p.extend(rshape);
+        p.extend(rstr);
+        return Some(single_job(&kernels::REDUCE, p, &node.inputs, n_out as u64));
     }
     if let Some(axis_op) = op.downcast_ref::<AxisOp>() {
         // Add/Rm/Reshape are views (see `Plan::build`); a move is a transposing copy.
@@ -355,7 +534,10 @@ fn jobs_for(model: &TypedModel, node: &TypedNode) -> Option<Vec<Job>> {
         };
     }
     if let Some(conv) = op.downcast_ref::<Conv>() {
-        return conv_f32(model, node, conv, &ins, &oshape, odt);
+        return match conv.q_params {
+            None => conv_f32(model, node, conv, &ins, &oshape, odt),
+            Some(q) => conv_q8(model, node, conv, &ins, &oshape, q),
+        };
     }
     if let Some(mp) = op.downcast_ref::<MaxPool>() {
         if mp.with_index_outputs.is_some() {
@@ -508,6 +690,245 @@ fn conv_f32(
         threads: Groups::Threads(n_out as u64),
         host_params: Vec::new(),
     }])
+}
+
+/// A quantized convolution (QLinearConv, ConvInteger, or a fused QDQ pattern) as an integer
+/// matrix product: the kernel packed as rows of `CO`, the input packed as im2col rows (one per
+/// output pixel and group), then the int8 matmul kernel with the output seen as
+/// `[N, G, CO/G, OH, OW]`, so that each group only meets its own rows.
+fn conv_q8(
+    model: &TypedModel,
+    node: &TypedNode,
+    conv: &Conv,
+    ins: &[(DatumType, Vec<usize>)],
+    oshape: &[usize],
+    q: DatumType,
+) -> Option<Vec<Job>> {
+    if conv.kernel_fmt != KernelFormat::OIHW
+        || ins.len() != 9
+        || !is_8bit(ins[0].0)
+        || !is_8bit(ins[1].0)
+    {
+        return None;
+    }
+    let kind = match q.unquantized() {
+        DatumType::U8 => 0u32,
+        DatumType::I8 => 1,
+        DatumType::I32 => 2,
+        _ => return None,
+    };
+    let spec = &conv.pool_spec;
+    let [n, c, h, w] = nchw(spec, &ins[0].1)?;
+    let [_, co, oh, ow] = nchw(spec, oshape)?;
+    let hw: Vec<usize> = if spec.kernel_shape.len() == 1 {
+        vec![w]
+    } else {
+        vec![h, w]
+    };
+    let win = window(spec, &hw)?;
+    let g = conv.group;
+    let kshape = &ins[1].1;
+    if g == 0 || kshape.first() != Some(&co) || kshape.get(1).copied()? * g != c || co % g != 0 {
+        return None;
+    }
+    let cog = co / g;
+    let k: usize = kshape[1..].iter().product();
+    let k4 = k.div_ceil(4);
+    let unsigned = |dt: DatumType| dt.unquantized() == DatumType::U8;
+    // Padding taps hold the input's zero point (a constant, or written by each run).
+    let x_zero = match konst(model, node.inputs[3]) {
+        Some(t) => {
+            let [z] = param_words(&t, false)?[..] else {
+                return None;
+            };
+            Some(z)
+        }
+        None if ins[3].1.iter().product::<usize>() == 1 => None,
+        None => return None,
+    };
+    let to_u32 =
+        |v: &[usize]| -> Option<Vec<u32>> { v.iter().map(|&x| u32::try_from(x).ok()).collect() };
+    // The kernel: CO rows of K contiguous values.
+    let wwords = co * k4;
+    let mut pw = to_u32(&[wwords, co, k, k4, 0, k, 1, unsigned(ins[1].0) as usize, 0])?;
+    pw.extend([1, 1, 1, 1, 0, 0, 0, 0]);
+    let wbytes =
+        konst(model, node.inputs[1]).and_then(|t| pack_rows(&t, co, k, unsigned(ins[1].0)));
+    let (pack_w, w_op) = match wbytes {
+        // A constant kernel is packed once, here.
+        Some(bytes) => (None, Operand::Const(bytes)),
+        None => (
+            Some(Job {
+                kernel: &kernels::PACK_I8,
+                params: pw,
+                operands: vec![Operand::Outlet(node.inputs[1])],
+                output: Out::Scratch((wwords.max(1) * 4) as u64),
+                threads: Groups::Threads(wwords as u64),
+                host_params: Vec::new(),
+            }),
+            Operand::Scratch(0),
+        ),
+    };
+    // The input as im2col rows.
+    let xwords = n * g * oh * ow * k4;
+    let mut px = to_u32(&[xwords, k, k4, n, c, h, w, oh, ow])?;
+    px.extend(to_u32(&win)?);
+    px.push(u32::try_from(g).ok()?);
+    px.push(unsigned(ins[0].0) as u32);
+    let pad_at = px.len();
+    px.push(x_zero.unwrap_or(0) & 0xff);
+    let pack_x = Job {
+        kernel: &kernels::IM2COL_I8,
+        params: px,
+        operands: vec![Operand::Outlet(node.inputs[0])],
+        output: Out::Scratch((xwords.max(1) * 4) as u64),
+        threads: Groups::Threads(xwords as u64),
+        host_params: match x_zero {
+            Some(_) => Vec::new(),
+            None => vec![(node.inputs[3], pad_at, false)],
+        },
+    };
+    // The matmul: A = kernel rows (m = output channel), B = im2col rows.
+    let n_out = n * co * oh * ow;
+    let mut p: Vec<u32> = vec![0; 51];
+    p[0] = u32::try_from(n_out).ok()?;
+    p[1] = u32::try_from(k).ok()?;
+    p[2] = u32::try_from(k4).ok()?;
+    p[3] = kind;
+    p[4] = 5;
+    // Output axes [1, N, G, CO/G, OH, OW]: (size, A row, B row, m) strides.
+    let axes = [
+        (1, 0, 0, 0),
+        (n, 0, g * oh * ow, 0),
+        (g, cog, oh * ow, cog),
+        (cog, 1, 0, 1),
+        (oh, 0, ow, 0),
+        (ow, 0, 1, 0),
+    ];
+    for (d, (size, ra, rb, ms)) in axes.into_iter().enumerate() {
+        p[5 + d] = u32::try_from(size).ok()?;
+        p[11 + d] = u32::try_from(ra).ok()?;
+        p[17 + d] = u32::try_from(rb).ok()?;
+        p[23 + d] = u32::try_from(ms).ok()?;
+    }
+    p[49] = if unsigned(ins[1].0) { 128 } else { 0 };
+    p[50] = if unsigned(ins[0].0) { 128 } else { 0 };
+    // Conv inputs: bias(2) x0(3) x_scale(4) w0(5) w_scale(6) y0(7) y_scale(8); the kernel is
+    // operand A of the matmul, so its zero point and scale take A's slots.
+    let slots = [
+        (2usize, 47usize, false),
+        (5, 35, false),
+        (6, 37, true),
+        (3, 39, false),
+        (4, 41, true),
+        (7, 43, false),
+        (8, 45, true),
+    ];
+    let mut host_params = Vec::new();
+    for (input, slot, as_f32) in slots {
+        let len: usize = ins[input].1.iter().product();
+        let mode = match len {
+            1 => 0,
+            l if l == co && ins[input].1.len() == 1 && matches!(input, 2 | 5 | 6) => 1,
+            _ => return None,
+        };
+        let off = p.len();
+        p[slot] = mode;
+        p[slot + 1] = u32::try_from(off).ok()?;
+        match konst(model, node.inputs[input]) {
+            Some(t) => p.extend(param_words(&t, as_f32)?),
+            None => {
+                host_params.push((node.inputs[input], off, as_f32));
+                p.extend(std::iter::repeat_n(0, len));
+            }
+        }
+    }
+    let threads = if kind == 2 { n_out } else { n_out.div_ceil(4) };
+    let x_op = Operand::Scratch(pack_w.is_some() as usize);
+    let mut jobs: Vec<Job> = pack_w.into_iter().collect();
+    jobs.push(pack_x);
+    jobs.push(Job {
+        kernel: &kernels::QMATMUL,
+        params: p,
+        operands: vec![w_op, x_op],
+        output: Out::Node,
+        threads: Groups::Threads(threads as u64),
+        host_params,
+    });
+    Some(jobs)
+}
+
+/// A constant 8-bit operand packed on the host exactly as `pack_i8.wgsl` packs it: `rows` rows
+/// of `k` contiguous values, 4 per u32 (zero padded), uint8 flipped into the signed domain.
+fn pack_rows(t: &Tensor, rows: usize, k: usize, unsigned: bool) -> Option<Vec<u8>> {
+    let raw = t.as_bytes();
+    if raw.len() != rows * k {
+        return None;
+    }
+    let k4 = k.div_ceil(4);
+    let flip = if unsigned { 0x80 } else { 0 };
+    let mut out = vec![0u8; (rows * k4 * 4).max(4)];
+    for r in 0..rows {
+        for j in 0..k {
+            out[r * k4 * 4 + j] = raw[r * k + j] ^ flip;
+        }
+    }
+    Some(out)
+}
+
+/// One resampling dispatch per axis that changes, chained through scratch buffers.
+fn resample_jobs(
+    node: &TypedNode,
+    ishape: &[usize],
+    plans: Vec<(usize, AxisPlan)>,
+) -> Option<Vec<Job>> {
+    if plans.is_empty() {
+        return None;
+    }
+    let mut shape = ishape.to_vec();
+    let mut jobs = Vec::new();
+    let last = plans.len() - 1;
+    for (k, (axis, plan)) in plans.into_iter().enumerate() {
+        let (len_in, len_out, window) = (shape[axis], plan.extrapolated.len(), plan.window);
+        if plan.indices.len() != window * len_out || plan.weights.len() != window * len_out {
+            return None;
+        }
+        shape[axis] = len_out;
+        let n_out: usize = shape.iter().product();
+        let inner: usize = shape[axis + 1..].iter().product();
+        let mut p: Vec<u32> = [n_out, len_in, len_out, inner, window]
+            .iter()
+            .map(|&v| u32::try_from(v).ok())
+            .collect::<Option<_>>()?;
+        p.push(0f32.to_bits());
+        for x in 0..len_out {
+            for &i in &plan.indices[x * window..][..window] {
+                p.push(u32::try_from(i).ok()?);
+            }
+            p.extend(
+                plan.weights[x * window..][..window]
+                    .iter()
+                    .map(|w| w.to_bits()),
+            );
+            p.push(plan.extrapolated[x] as u32);
+        }
+        jobs.push(Job {
+            kernel: &kernels::RESAMPLE,
+            params: p,
+            operands: vec![match k {
+                0 => Operand::Outlet(node.inputs[0]),
+                k => Operand::Scratch(k - 1),
+            }],
+            output: if k == last {
+                Out::Node
+            } else {
+                Out::Scratch((n_out.max(1) * 4) as u64)
+            },
+            threads: Groups::Threads(n_out as u64),
+            host_params: Vec::new(),
+        });
+    }
+    Some(jobs)
 }
 
 /// How an einsum's axes map onto a batched matrix product.

@@ -25,6 +25,12 @@ kernel!(COPY, "copy", 1);
 kernel!(MATMUL, "matmul", 2);
 kernel!(PACK_I8, "pack_i8", 1);
 kernel!(QMATMUL, "qmatmul", 2);
+kernel!(IM2COL_I8, "im2col_i8", 1);
+kernel!(QUANT, "quant", 1);
+kernel!(REDUCE, "reduce", 1);
+kernel!(LUT, "lut", 1);
+kernel!(CAST, "cast", 1);
+kernel!(RESAMPLE, "resample", 1);
 kernel!(CONV, "conv", 3);
 kernel!(POOL, "pool", 1);
 kernel!(SOFTMAX, "softmax", 1);
@@ -32,7 +38,8 @@ kernel!(SOFTMAX, "softmax", 1);
 /// Every kernel, for compile checks.
 #[cfg(test)]
 pub(crate) const ALL: &[&Kernel] = &[
-    &UNARY, &BINARY, &COPY, &MATMUL, &PACK_I8, &QMATMUL, &CONV, &POOL, &SOFTMAX,
+    &UNARY, &BINARY, &COPY, &MATMUL, &PACK_I8, &QMATMUL, &IM2COL_I8, &QUANT, &REDUCE, &LUT, &CAST,
+    &RESAMPLE, &CONV, &POOL, &SOFTMAX,
 ];
 
 /// Threads per workgroup of the one-dimensional kernels.
@@ -71,6 +78,8 @@ pub(crate) fn unary_code(name: &str) -> Option<u32> {
         "Sin" => 17,
         "Cos" => 18,
         "Sign" => 19,
+        "GeluExact" => 20,
+        "GeluApproximate" => 21,
         _ => return None,
     })
 }

@@ -48,6 +48,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         case 17u: { r = sin(v); }
         case 18u: { r = cos(v); }
         case 19u: { r = sign(v); }
+        case 20u: { r = 0.5 * v * (1.0 + erf_(v * 0.70710678)); }
+        case 21u: {
+            let t = 0.79788456 * (v + 0.044715 * v * v * v);
+            r = 0.5 * v * (1.0 + tanh(clamp(t, -15.0, 15.0)));
+        }
         default: {}
     }
     y[i] = r;
