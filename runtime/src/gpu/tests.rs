@@ -216,3 +216,71 @@ fn gpu_or_cpu_never_picks_a_software_adapter() {
         assert_eq!(name, "gpu", "{why}");
     }
 }
+
+/// `exp(flatten(sigmoid(reshape(relu(x), [2, 12])), axis 0))`, x: [2, 3, 4]: both reshapes sit
+/// between GPU nodes, so they are views of GPU buffers and the whole graph runs on the GPU.
+#[test]
+fn reshape_and_flatten_between_gpu_nodes_are_views_on_the_gpu() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(_ctx) = ctx_or_skip("reshape_and_flatten_between_gpu_nodes_are_views_on_the_gpu")
+    else {
+        return;
+    };
+    let shape = pb::TensorProto {
+        name: "shape".into(),
+        dims: vec![2],
+        data_type: 7,
+        int64_data: vec![2, 12],
+        ..Default::default()
+    };
+    let mut flatten = node("Flatten", &["s"], "f");
+    flatten.attribute.push(pb::AttributeProto {
+        name: "axis".into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: 0,
+        ..Default::default()
+    });
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(pb::GraphProto {
+            name: "views".into(),
+            node: vec![
+                node("Relu", &["x"], "r"),
+                node("Reshape", &["r", "shape"], "rs"),
+                node("Sigmoid", &["rs"], "s"),
+                flatten,
+                node("Exp", &["f"], "y"),
+            ],
+            initializer: vec![shape],
+            input: vec![value_info("x", &[2, 3, 4])],
+            output: vec![value_info("y", &[1, 24])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let bytes = model.encode_to_vec();
+    let x: Vec<f32> = (0..24).map(|i| (i as f32 - 11.0) / 5.0).collect();
+    let x = Tensor::new(&[2, 3, 4], &x).expect("tensor");
+    let cpu = Model::from_bytes(&bytes, &ModelOptions::default()).expect("cpu");
+    let gpu = Model::from_bytes(&bytes, &ModelOptions::default().backend("gpu")).expect("gpu");
+    let want = cpu.run(std::slice::from_ref(&x)).expect("cpu run");
+    let got = gpu.run(std::slice::from_ref(&x)).expect("gpu run");
+    assert_eq!(got[0].shape(), &[1, 24]);
+    let err = want[0]
+        .as_f32()
+        .expect("f32")
+        .iter()
+        .zip(&got[0].as_f32().expect("f32"))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-6, "max error {err}");
+    let p = gpu.placement().expect("placement");
+    let describe = gpu.describe().join("\n");
+    assert_eq!(p.fallback, 0, "{describe}");
+    assert!(describe.contains("view×"), "{describe}");
+    assert!(describe.contains("1 upload(s), 1 readback(s)"), "{describe}");
+}
