@@ -282,5 +282,8 @@ fn reshape_and_flatten_between_gpu_nodes_are_views_on_the_gpu() {
     let describe = gpu.describe().join("\n");
     assert_eq!(p.fallback, 0, "{describe}");
     assert!(describe.contains("view×"), "{describe}");
-    assert!(describe.contains("1 upload(s), 1 readback(s)"), "{describe}");
+    assert!(
+        describe.contains("1 upload(s), 1 readback(s)"),
+        "{describe}"
+    );
 }
