@@ -603,18 +603,33 @@ fn pool(
     if !is_f32(odt) || !is_f32(ins[0].0) {
         return None;
     }
-    let [n, c, h, w] = nchw(spec, &ins[0].1)?;
-    let [_, _, oh, ow] = nchw(spec, oshape)?;
-    let hw: Vec<usize> = if spec.kernel_shape.len() == 1 {
-        vec![w]
-    } else {
-        vec![h, w]
+    let (n, c, dhw) = ncdhw(spec, &ins[0].1)?;
+    let (_, _, odhw) = ncdhw(spec, oshape)?;
+    let rank = spec.kernel_shape.len();
+    let pads = spec.computed_padding(&ins[0].1[ins[0].1.len() - rank..]);
+    let (s, d) = (spec.strides(), spec.dilations());
+    let front = |v: &mut Vec<usize>, fill: usize| {
+        while v.len() < 3 {
+            v.insert(0, fill);
+        }
     };
-    let win = window(spec, &hw)?;
-    let n_out = n * c * oh * ow;
-    let mut p: Vec<u32> = [n_out, n, c, h, w, oh, ow]
+    let mut k: Vec<usize> = spec.kernel_shape.to_vec();
+    let mut st: Vec<usize> = s.to_vec();
+    let mut di: Vec<usize> = d.to_vec();
+    let mut pb: Vec<usize> = pads.iter().map(|p| p.pad_before).collect();
+    front(&mut k, 1);
+    front(&mut st, 1);
+    front(&mut di, 1);
+    front(&mut pb, 0);
+    let n_out = n * c * odhw.iter().product::<usize>();
+    let mut p: Vec<u32> = [n_out, n, c]
         .iter()
-        .chain(&win)
+        .chain(&dhw)
+        .chain(&odhw)
+        .chain(&k)
+        .chain(&st)
+        .chain(&di)
+        .chain(&pb)
         .map(|&v| u32::try_from(v).ok())
         .collect::<Option<_>>()?;
     p.push(kind);
@@ -624,6 +639,23 @@ fn pool(
         &node.inputs[..1],
         n_out as u64,
     ))
+}
+
+/// N, C and the spatial dims padded to three (`[D, H, W]`, leading 1s) of an NCHW or CHW
+/// shape with one to three spatial axes.
+fn ncdhw(spec: &PoolSpec, shape: &[usize]) -> Option<(usize, usize, [usize; 3])> {
+    let (n, rest) = match spec.data_format {
+        DataFormat::NCHW => (*shape.first()?, shape.get(1..)?),
+        DataFormat::CHW => (1, shape),
+        _ => return None,
+    };
+    let (c, sp) = rest.split_first()?;
+    if sp.is_empty() || sp.len() > 3 || sp.len() != spec.kernel_shape.len() {
+        return None;
+    }
+    let mut dhw = [1usize; 3];
+    dhw[3 - sp.len()..].copy_from_slice(sp);
+    Some((n, *c, dhw))
 }
 
 fn conv_f32(
