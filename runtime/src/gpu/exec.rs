@@ -15,10 +15,15 @@ use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool, PoolSpec, SumPool};
+use tract_onnx::tract_core::ops::cnn::{
+    Conv, KernelFormat, MaxPool, PaddingSpec, PoolSpec, SumPool,
+};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-use tract_onnx::tract_core::ops::nn::resize::{AxisPlan, NearestUpsample, Resize};
+use tract_onnx::tract_core::ops::nn::resize::{
+    AxisPlan, Interpolator, NearestUpsample, Resize, cubic_weights, linear_weights, plan_axis,
+    window_size,
+};
 use tract_onnx::tract_core::ops::nn::{
     DataFormat, LeakyRelu, Reduce, Reducer, Softmax, SoftmaxKind,
 };
@@ -27,6 +32,9 @@ use tract_onnx::tract_core::ops::quant::{
 };
 use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_core::plan::EvalContext;
+use tract_onnx_opl::resize::{
+    AspectRatio, CoordTransform, Nearest as OnnxNearest, Resize as OnnxResize,
+};
 
 use super::GpuError;
 use super::context::Ctx;
@@ -123,6 +131,7 @@ fn backend_err(e: impl std::fmt::Display) -> RuntimeError {
 fn elem_size(dt: DatumType) -> Option<u64> {
     match dt.unquantized() {
         DatumType::F32 | DatumType::I32 | DatumType::U32 => Some(4),
+        DatumType::I16 | DatumType::U16 => Some(2),
         DatumType::I8 | DatumType::U8 => Some(1),
         _ => None,
     }
@@ -245,16 +254,43 @@ fn jobs_for(model: &TypedModel, node: &TypedNode) -> Option<Vec<Job>> {
     let op: &dyn TypedOp = node.op.as_ref();
     if let Some(bin) = op.downcast_ref::<TypedBinOp>() {
         let code = kernels::binary_code(bin.0.name())?;
-        if !(is_f32(odt) && ins.iter().all(|(d, _)| is_f32(*d))) {
-            return None;
-        }
         let sa = broadcast_strides(&ins[0].1, &oshape)?;
         let sb = broadcast_strides(&ins[1].1, &oshape)?;
-        let mut p = vec![u32::try_from(n_out).ok()?, code];
+        if is_f32(odt) && ins.iter().all(|(d, _)| is_f32(*d)) {
+            let mut p = vec![u32::try_from(n_out).ok()?, code];
+            p.extend(pad6(&oshape, 1)?);
+            p.extend(pad6(&sa, 0)?);
+            p.extend(pad6(&sb, 0)?);
+            return Some(single_job(&kernels::BINARY, p, &node.inputs, n_out as u64));
+        }
+        // Plain integers (not quantized: their arithmetic is not the stored values').
+        let kind = match odt {
+            DatumType::U8 => 0,
+            DatumType::I8 => 1,
+            DatumType::I32 => 2,
+            DatumType::U32 => 3,
+            DatumType::U16 => 4,
+            DatumType::I16 => 5,
+            _ => return None,
+        };
+        if code == 6 || ins.iter().any(|(d, _)| *d != odt) {
+            return None;
+        }
+        let mut p = vec![u32::try_from(n_out).ok()?, code, kind];
         p.extend(pad6(&oshape, 1)?);
         p.extend(pad6(&sa, 0)?);
         p.extend(pad6(&sb, 0)?);
-        return Some(single_job(&kernels::BINARY, p, &node.inputs, n_out as u64));
+        let threads = match kind {
+            0 | 1 => n_out.div_ceil(4),
+            4 | 5 => n_out.div_ceil(2),
+            _ => n_out,
+        };
+        return Some(single_job(
+            &kernels::IBINARY,
+            p,
+            &node.inputs,
+            threads as u64,
+        ));
     }
     if let Some(ew) = op.downcast_ref::<ElementWiseOp>() {
         let quant = if let Some(q) = ew.0.downcast_ref::<QuantizeLinearU8>() {
@@ -333,7 +369,10 @@ fn jobs_for(model: &TypedModel, node: &TypedNode) -> Option<Vec<Job>> {
             (!(len_in == len_out && scales[axis] == 1.0))
                 .then(|| (axis, rs.plan_axis(scales[axis], len_in, len_out)))
         });
-        return resample_jobs(node, ishape, plans.collect());
+        return resample_jobs(node, ishape, plans.collect(), 0.0);
+    }
+    if let Some(rs) = op.downcast_ref::<OnnxResize>() {
+        return onnx_resize(model, node, rs, &ins, &oshape, odt);
     }
     if let Some(up) = op.downcast_ref::<NearestUpsample>() {
         let ishape = &ins[0].1;
@@ -355,7 +394,7 @@ fn jobs_for(model: &TypedModel, node: &TypedNode) -> Option<Vec<Job>> {
                 };
                 (axis, plan)
             });
-        return resample_jobs(node, ishape, plans.collect());
+        return resample_jobs(node, ishape, plans.collect(), 0.0);
     }
     if let Some(cast) = op.downcast_ref::<Cast>() {
         let kind = |dt: DatumType| match dt.unquantized() {
@@ -600,7 +639,14 @@ fn pool(
     oshape: &[usize],
     odt: DatumType,
 ) -> Option<Vec<Job>> {
-    if !is_f32(odt) || !is_f32(ins[0].0) {
+    // Max pooling also on plain uint8/int8 (compared exactly as f32 in the kernel).
+    let elem = match odt {
+        DatumType::F32 => 0,
+        DatumType::U8 if kind == 0 => 1,
+        DatumType::I8 if kind == 0 => 2,
+        _ => return None,
+    };
+    if ins[0].0 != odt {
         return None;
     }
     let (n, c, dhw) = ncdhw(spec, &ins[0].1)?;
@@ -633,11 +679,28 @@ fn pool(
         .map(|&v| u32::try_from(v).ok())
         .collect::<Option<_>>()?;
     p.push(kind);
+    // For `count_include_pad`: the padded extent of each axis. In ONNX ceil mode the last
+    // window can run past the explicit padding and the overhang is not counted (as tract and
+    // onnxruntime do); otherwise every window lies inside it and the divisor is the kernel.
+    let mut limit: Vec<u32> = match &spec.padding {
+        PaddingSpec::ExplicitOnnxPool(_, _, true) => dhw[3 - rank..]
+            .iter()
+            .zip(&pads)
+            .map(|(&len, p)| u32::try_from(p.pad_before + len + p.pad_after).ok())
+            .collect::<Option<_>>()?,
+        _ => vec![u32::MAX; rank],
+    };
+    while limit.len() < 3 {
+        limit.insert(0, u32::MAX);
+    }
+    p.extend(limit);
+    p.push(elem);
+    let threads = if elem == 0 { n_out } else { n_out.div_ceil(4) };
     Some(single_job(
         &kernels::POOL,
         p,
         &node.inputs[..1],
-        n_out as u64,
+        threads as u64,
     ))
 }
 
@@ -909,10 +972,134 @@ fn pack_rows(t: &Tensor, rows: usize, k: usize, unsigned: bool) -> Option<Vec<u8
 }
 
 /// One resampling dispatch per axis that changes, chained through scratch buffers.
+/// ONNX Resize in the modes tract's core op lacks (the `round_prefer_floor` and `ceil`
+/// nearest modes, `sizes` with a kept aspect ratio, `tf_crop_and_resize`, antialiasing,
+/// `exclude_outside`, other cubic coefficients): the per-axis plans built as tract-onnx-opl's
+/// `Resize::eval` builds them, so the GPU reads the same taps and weights as the CPU.
+fn onnx_resize(
+    model: &TypedModel,
+    node: &TypedNode,
+    rs: &OnnxResize,
+    ins: &[(DatumType, Vec<usize>)],
+    oshape: &[usize],
+    odt: DatumType,
+) -> Option<Vec<Job>> {
+    let ishape = &ins[0].1;
+    let rank = ishape.len();
+    if !(is_f32(odt) && is_f32(ins[0].0)) || oshape.len() != rank {
+        return None;
+    }
+    let axes = rs.resized_axes(rank).ok()?;
+    let input = |ix: Option<usize>| -> Option<Vec<f32>> {
+        let t = konst(model, *node.inputs.get(ix?)?)?;
+        let t = t.cast_to::<f32>().ok()?;
+        (t.len() == axes.len()).then(|| values::<f32>(&t)).flatten()
+    };
+    let mut scale = vec![1.0f32; rank];
+    if let Some(s) = input(rs.optional_scales_input) {
+        axes.iter().zip(s).for_each(|(&a, s)| scale[a] = s);
+    } else if rs.keep_aspect_ratio_policy != AspectRatio::Stretch {
+        let sizes = input(rs.optional_sizes_input)?;
+        let ratios = axes.iter().zip(sizes).map(|(&a, s)| s / ishape[a] as f32);
+        let s = if rs.keep_aspect_ratio_policy == AspectRatio::NotLarger {
+            ratios.reduce(f32::min)
+        } else {
+            ratios.reduce(f32::max)
+        }?;
+        axes.iter().for_each(|&a| scale[a] = s);
+    } else {
+        // A scales input that is not a constant leaves the op on the CPU.
+        if rs
+            .optional_scales_input
+            .and_then(|ix| ins.get(ix))
+            .is_some_and(|(_, shape)| shape.iter().product::<usize>() != 0)
+        {
+            return None;
+        }
+        axes.iter()
+            .for_each(|&a| scale[a] = oshape[a] as f32 / ishape[a] as f32);
+    }
+    let tf_crop = rs.coord_transformer == CoordTransform::TfCropAndResize;
+    let mut roi = vec![(0.0f32, 1.0f32); rank];
+    if tf_crop {
+        let r = konst(model, *node.inputs.get(rs.optional_roi_input?)?)?;
+        let r = values::<f32>(&*r.cast_to::<f32>().ok()?)?;
+        if r.len() != 2 * axes.len() {
+            return None;
+        }
+        for (i, &a) in axes.iter().enumerate() {
+            roi[a] = (r[i], r[i + axes.len()]);
+        }
+    }
+    let plans = (0..rank)
+        .filter(|&a| tf_crop || ishape[a] != oshape[a] || scale[a] != 1.0)
+        .map(|a| {
+            (
+                a,
+                onnx_resize_plan(rs, scale[a], ishape[a], oshape[a], roi[a]),
+            )
+        })
+        .collect();
+    resample_jobs(node, ishape, plans, rs.extrapolation_value())
+}
+
+/// One axis of an ONNX Resize: tract-onnx-opl's (private) `Resize::plan_axis`, restated.
+fn onnx_resize_plan(
+    rs: &OnnxResize,
+    scale: f32,
+    len_in: usize,
+    len_out: usize,
+    roi: (f32, f32),
+) -> AxisPlan {
+    let window = window_size(&rs.interpolator, rs.antialias, scale);
+    let coord: Box<dyn Fn(usize) -> Option<f32>> = match &rs.coord_transformer {
+        CoordTransform::Plain(t) => {
+            let t = t.clone();
+            Box::new(move |x| Some(t.transform(x, scale, len_in, len_out)))
+        }
+        CoordTransform::TfCropAndResize => {
+            let last = len_in as f32 - 1.0;
+            let span = last * (roi.1 - roi.0);
+            let width = scale * len_in as f32;
+            Box::new(move |x| {
+                let offset = if width == 1.0 {
+                    span / 2.0
+                } else {
+                    x as f32 * span / (width - 1.0)
+                };
+                let x = offset + roi.0 * last;
+                (x >= 0.0 && x <= last).then_some(x)
+            })
+        }
+    };
+    let exclude = rs.exclude_outside;
+    let (antialias, a) = (rs.antialias, rs.cubic_coeff_a());
+    match rs.interpolator {
+        Interpolator::Linear => plan_axis(len_in, len_out, window, exclude, coord, |r, w| {
+            linear_weights(r, scale, antialias, w)
+        }),
+        Interpolator::Cubic => plan_axis(len_in, len_out, window, exclude, coord, |r, w| {
+            cubic_weights(r, scale, a, antialias, w)
+        }),
+        Interpolator::Nearest => plan_axis(len_in, len_out, window, exclude, coord, |r, w| {
+            let right = r == 1.0
+                || match rs.nearest {
+                    OnnxNearest::Floor => false,
+                    OnnxNearest::Ceil => true,
+                    OnnxNearest::RoundPreferFloor => r > 0.5,
+                    OnnxNearest::RoundPreferCeil => r >= 0.5,
+                };
+            w[0] = !right as u8 as f32;
+            w[1] = right as u8 as f32;
+        }),
+    }
+}
+
 fn resample_jobs(
     node: &TypedNode,
     ishape: &[usize],
     plans: Vec<(usize, AxisPlan)>,
+    extrapolation: f32,
 ) -> Option<Vec<Job>> {
     if plans.is_empty() {
         return None;
@@ -932,7 +1119,7 @@ fn resample_jobs(
             .iter()
             .map(|&v| u32::try_from(v).ok())
             .collect::<Option<_>>()?;
-        p.push(0f32.to_bits());
+        p.push(extrapolation.to_bits());
         for x in 0..len_out {
             for &i in &plan.indices[x * window..][..window] {
                 p.push(u32::try_from(i).ok()?);

@@ -21,6 +21,7 @@ macro_rules! kernel {
 
 kernel!(UNARY, "unary", 1);
 kernel!(BINARY, "binary", 2);
+kernel!(IBINARY, "ibinary", 2);
 kernel!(COPY, "copy", 1);
 kernel!(MATMUL, "matmul", 2);
 kernel!(PACK_I8, "pack_i8", 1);
@@ -38,8 +39,8 @@ kernel!(SOFTMAX, "softmax", 1);
 /// Every kernel, for compile checks.
 #[cfg(test)]
 pub(crate) const ALL: &[&Kernel] = &[
-    &UNARY, &BINARY, &COPY, &MATMUL, &PACK_I8, &QMATMUL, &IM2COL_I8, &QUANT, &REDUCE, &LUT, &CAST,
-    &RESAMPLE, &CONV, &POOL, &SOFTMAX,
+    &UNARY, &BINARY, &IBINARY, &COPY, &MATMUL, &PACK_I8, &QMATMUL, &IM2COL_I8, &QUANT, &REDUCE,
+    &LUT, &CAST, &RESAMPLE, &CONV, &POOL, &SOFTMAX,
 ];
 
 /// Threads per workgroup of the one-dimensional kernels.

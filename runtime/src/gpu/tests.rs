@@ -287,3 +287,81 @@ fn reshape_and_flatten_between_gpu_nodes_are_views_on_the_gpu() {
         "{describe}"
     );
 }
+
+#[test]
+fn integer_arithmetic_with_broadcasting_runs_on_the_gpu_and_matches_the_cpu() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(_ctx) =
+        ctx_or_skip("integer_arithmetic_with_broadcasting_runs_on_the_gpu_and_matches_the_cpu")
+    else {
+        return;
+    };
+    let ints = |name: &str, dims: &[i64], v: Vec<i32>| pb::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: 6,
+        int32_data: v,
+        ..Default::default()
+    };
+    let cast = |i: &str, o: &str, to: i64| {
+        let mut n = node("Cast", &[i], o);
+        n.attribute.push(pb::AttributeProto {
+            name: "to".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: to,
+            ..Default::default()
+        });
+        n
+    };
+    // y = float(max(min((int(x) + b) * m - s, 40), -40) / d), int32 throughout the middle.
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(pb::GraphProto {
+            name: "ints".into(),
+            node: vec![
+                cast("x", "xi", 6),
+                node("Add", &["xi", "b"], "a"),
+                node("Mul", &["a", "m"], "p"),
+                node("Sub", &["p", "s"], "q"),
+                node("Min", &["q", "hi"], "lo"),
+                node("Max", &["lo", "neg"], "c"),
+                node("Div", &["c", "d"], "di"),
+                cast("di", "y", 1),
+            ],
+            initializer: vec![
+                ints("b", &[4], vec![3, -7, 0, 11]),
+                ints("m", &[3, 1], vec![2, -3, 5]),
+                ints("s", &[], vec![9]),
+                ints("hi", &[], vec![40]),
+                ints("neg", &[], vec![-40]),
+                ints("d", &[4], vec![3, -2, 7, 1]),
+            ],
+            input: vec![value_info("x", &[2, 3, 4])],
+            output: vec![value_info("y", &[2, 3, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let bytes = model.encode_to_vec();
+    let x: Vec<f32> = (0..24).map(|i| (i as f32 - 11.0) * 1.7).collect();
+    let x = Tensor::new(&[2, 3, 4], &x).expect("tensor");
+    let cpu = Model::from_bytes(&bytes, &ModelOptions::default()).expect("cpu");
+    let gpu = Model::from_bytes(&bytes, &ModelOptions::default().backend("gpu")).expect("gpu");
+    let want = cpu.run(std::slice::from_ref(&x)).expect("cpu run");
+    let got = gpu.run(std::slice::from_ref(&x)).expect("gpu run");
+    assert_eq!(
+        got[0].as_f32().expect("f32"),
+        want[0].as_f32().expect("f32"),
+        "integer results differ"
+    );
+    let describe = gpu.describe().join("\n");
+    assert_eq!(
+        gpu.placement().expect("placement").fallback,
+        0,
+        "{describe}"
+    );
+}
