@@ -927,16 +927,8 @@ fn conv_q8(
             l if l == co && ins[input].1.len() == 1 && matches!(input, 2 | 5 | 6) => 1,
             _ => return None,
         };
-        let off = p.len();
-        p[slot] = mode;
-        p[slot + 1] = u32::try_from(off).ok()?;
-        match konst(model, node.inputs[input]) {
-            Some(t) => p.extend(param_words(&t, as_f32)?),
-            None => {
-                host_params.push((node.inputs[input], off, as_f32));
-                p.extend(std::iter::repeat_n(0, len));
-            }
-        }
+        put_qparam(model, node.inputs[input], (slot, mode, len, as_f32), &mut p)
+            .map(|host| host_params.extend(host))?;
     }
     let threads = if kind == 2 { n_out } else { n_out.div_ceil(4) };
     let x_op = Operand::Scratch(pack_w.is_some() as usize);
@@ -1422,16 +1414,8 @@ fn einsum_q8(
                 return None;
             }
         };
-        let off = p.len();
-        p[slot] = mode;
-        p[slot + 1] = u32::try_from(off).ok()?;
-        match konst(model, node.inputs[input]) {
-            Some(t) => p.extend(param_words(&t, as_f32)?),
-            None => {
-                host_params.push((node.inputs[input], off, as_f32));
-                p.extend(std::iter::repeat_n(0, len));
-            }
-        }
+        put_qparam(model, node.inputs[input], (slot, mode, len, as_f32), &mut p)
+            .map(|host| host_params.extend(host))?;
     }
     let threads = if kind == 2 { n_out } else { n_out.div_ceil(4) };
     Some(vec![
@@ -1449,6 +1433,30 @@ fn einsum_q8(
 }
 
 /// A quantization parameter tensor as parameter words: f32 bits or i32.
+/// Appends one quantization parameter (`len` values) to `p` and points `p[slot]` (its
+/// broadcast mode) and `p[slot + 1]` (its offset) at it: the values of a constant, or zeros
+/// and the write that fills them on each run when it is computed on the CPU.
+fn put_qparam(
+    model: &TypedModel,
+    input: OutletId,
+    (slot, mode, len, as_f32): (usize, u32, usize, bool),
+    p: &mut Vec<u32>,
+) -> Option<Option<(OutletId, usize, bool)>> {
+    let off = p.len();
+    p[slot] = mode;
+    p[slot + 1] = u32::try_from(off).ok()?;
+    match konst(model, input) {
+        Some(t) => {
+            p.extend(param_words(&t, as_f32)?);
+            Some(None)
+        }
+        None => {
+            p.extend(std::iter::repeat_n(0, len));
+            Some(Some((input, off, as_f32)))
+        }
+    }
+}
+
 fn param_words(t: &Tensor, as_f32: bool) -> Option<Vec<u32>> {
     let plain = if t.datum_type().is_quantized() {
         t.clone()

@@ -62,35 +62,51 @@ fn node(op: &str, ins: &[&str], out: &str) -> pb::NodeProto {
     }
 }
 
+/// `n` with an integer attribute.
+fn with_int(mut n: pb::NodeProto, name: &str, i: i64) -> pb::NodeProto {
+    n.attribute.push(pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    });
+    n
+}
+
+/// A model of `graph` at opset 17.
+fn opset17(graph: pb::GraphProto) -> pb::ModelProto {
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
 /// `softmax(relu(x · w + b))` then `tanh` and an `Erf`, x: [3, 20], w: [20, 17].
 fn mlp_bytes() -> Vec<u8> {
     let w: Vec<f32> = (0..20 * 17)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 97.0)
         .collect();
     let b: Vec<f32> = (0..17).map(|i| i as f32 / 10.0 - 0.8).collect();
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "mlp".into(),
-            node: vec![
-                node("MatMul", &["x", "w"], "xw"),
-                node("Add", &["xw", "b"], "h"),
-                node("Relu", &["h"], "r"),
-                node("Tanh", &["r"], "t"),
-                node("Erf", &["t"], "e"),
-                node("Softmax", &["e"], "y"),
-            ],
-            initializer: vec![init("w", &[20, 17], w), init("b", &[17], b)],
-            input: vec![value_info("x", &[3, 20])],
-            output: vec![value_info("y", &[3, 17])],
-            ..Default::default()
-        }),
+    let model = opset17(pb::GraphProto {
+        name: "mlp".into(),
+        node: vec![
+            node("MatMul", &["x", "w"], "xw"),
+            node("Add", &["xw", "b"], "h"),
+            node("Relu", &["h"], "r"),
+            node("Tanh", &["r"], "t"),
+            node("Erf", &["t"], "e"),
+            node("Softmax", &["e"], "y"),
+        ],
+        initializer: vec![init("w", &[20, 17], w), init("b", &[17], b)],
+        input: vec![value_info("x", &[3, 20])],
+        output: vec![value_info("y", &[3, 17])],
         ..Default::default()
-    };
+    });
     model.encode_to_vec()
 }
 
@@ -233,35 +249,21 @@ fn reshape_and_flatten_between_gpu_nodes_are_views_on_the_gpu() {
         int64_data: vec![2, 12],
         ..Default::default()
     };
-    let mut flatten = node("Flatten", &["s"], "f");
-    flatten.attribute.push(pb::AttributeProto {
-        name: "axis".into(),
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        i: 0,
+    let flatten = with_int(node("Flatten", &["s"], "f"), "axis", 0);
+    let model = opset17(pb::GraphProto {
+        name: "views".into(),
+        node: vec![
+            node("Relu", &["x"], "r"),
+            node("Reshape", &["r", "shape"], "rs"),
+            node("Sigmoid", &["rs"], "s"),
+            flatten,
+            node("Exp", &["f"], "y"),
+        ],
+        initializer: vec![shape],
+        input: vec![value_info("x", &[2, 3, 4])],
+        output: vec![value_info("y", &[1, 24])],
         ..Default::default()
     });
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "views".into(),
-            node: vec![
-                node("Relu", &["x"], "r"),
-                node("Reshape", &["r", "shape"], "rs"),
-                node("Sigmoid", &["rs"], "s"),
-                flatten,
-                node("Exp", &["f"], "y"),
-            ],
-            initializer: vec![shape],
-            input: vec![value_info("x", &[2, 3, 4])],
-            output: vec![value_info("y", &[1, 24])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
     let bytes = model.encode_to_vec();
     let x: Vec<f32> = (0..24).map(|i| (i as f32 - 11.0) / 5.0).collect();
     let x = Tensor::new(&[2, 3, 4], &x).expect("tensor");
@@ -303,49 +305,32 @@ fn integer_arithmetic_with_broadcasting_runs_on_the_gpu_and_matches_the_cpu() {
         int32_data: v,
         ..Default::default()
     };
-    let cast = |i: &str, o: &str, to: i64| {
-        let mut n = node("Cast", &[i], o);
-        n.attribute.push(pb::AttributeProto {
-            name: "to".into(),
-            r#type: pb::attribute_proto::AttributeType::Int as i32,
-            i: to,
-            ..Default::default()
-        });
-        n
-    };
+    let cast = |i: &str, o: &str, to: i64| with_int(node("Cast", &[i], o), "to", to);
     // y = float(max(min((int(x) + b) * m - s, 40), -40) / d), int32 throughout the middle.
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "ints".into(),
-            node: vec![
-                cast("x", "xi", 6),
-                node("Add", &["xi", "b"], "a"),
-                node("Mul", &["a", "m"], "p"),
-                node("Sub", &["p", "s"], "q"),
-                node("Min", &["q", "hi"], "lo"),
-                node("Max", &["lo", "neg"], "c"),
-                node("Div", &["c", "d"], "di"),
-                cast("di", "y", 1),
-            ],
-            initializer: vec![
-                ints("b", &[4], vec![3, -7, 0, 11]),
-                ints("m", &[3, 1], vec![2, -3, 5]),
-                ints("s", &[], vec![9]),
-                ints("hi", &[], vec![40]),
-                ints("neg", &[], vec![-40]),
-                ints("d", &[4], vec![3, -2, 7, 1]),
-            ],
-            input: vec![value_info("x", &[2, 3, 4])],
-            output: vec![value_info("y", &[2, 3, 4])],
-            ..Default::default()
-        }),
+    let model = opset17(pb::GraphProto {
+        name: "ints".into(),
+        node: vec![
+            cast("x", "xi", 6),
+            node("Add", &["xi", "b"], "a"),
+            node("Mul", &["a", "m"], "p"),
+            node("Sub", &["p", "s"], "q"),
+            node("Min", &["q", "hi"], "lo"),
+            node("Max", &["lo", "neg"], "c"),
+            node("Div", &["c", "d"], "di"),
+            cast("di", "y", 1),
+        ],
+        initializer: vec![
+            ints("b", &[4], vec![3, -7, 0, 11]),
+            ints("m", &[3, 1], vec![2, -3, 5]),
+            ints("s", &[], vec![9]),
+            ints("hi", &[], vec![40]),
+            ints("neg", &[], vec![-40]),
+            ints("d", &[4], vec![3, -2, 7, 1]),
+        ],
+        input: vec![value_info("x", &[2, 3, 4])],
+        output: vec![value_info("y", &[2, 3, 4])],
         ..Default::default()
-    };
+    });
     let bytes = model.encode_to_vec();
     let x: Vec<f32> = (0..24).map(|i| (i as f32 - 11.0) * 1.7).collect();
     let x = Tensor::new(&[2, 3, 4], &x).expect("tensor");
