@@ -249,8 +249,13 @@ impl Model {
         opts: &ModelOptions,
         registry: &Registry,
     ) -> Result<Model> {
-        let graph = Graph::import(bytes, opts)?;
         let (mut backend, mut backend_reason) = registry.resolve(&opts.backend)?;
+        // The import knows which backend runs the graph (int8 ops are rewritten for the CPU).
+        let for_backend = |name: &str| ModelOptions {
+            backend: name.into(),
+            ..opts.clone()
+        };
+        let mut graph = Graph::import(bytes, &for_backend(backend.name()))?;
         let mut exec = backend.prepare(&graph, opts)?;
         // `gpu-or-cpu` keeps the GPU only when it runs the model's heavy ops itself.
         if opts.backend == "gpu-or-cpu"
@@ -265,6 +270,7 @@ impl Model {
             backend_reason = format!(
                 "fell back to the CPU: the GPU backend runs {on} of the model's {total} matrix products and convolutions"
             );
+            graph = Graph::import(bytes, &for_backend(cpu.name()))?;
             exec = cpu.prepare(&graph, opts)?;
             backend = cpu;
         }

@@ -13,6 +13,7 @@ mod fold;
 pub(crate) mod graph;
 mod msft;
 mod qdq;
+mod qexact;
 mod qfloat;
 mod shapes;
 
@@ -70,6 +71,10 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
             msft::dequantize_integer_ops(graph, &mut report);
         }
         qdq::rewrite(graph, opts.integer_kernels, &mut report);
+        // The GPU backend has int8 kernels of its own; the CPU's are tract's, and slow.
+        if opts.integer_kernels && opts.backend == "cpu" {
+            qexact::rewrite(graph, &mut report);
+        }
     }
     fold::fold_ifs(&mut proto, &mut report);
     check_ops(&proto)?;

@@ -1,0 +1,479 @@
+//! `QLinearConv` and `QLinearMatMul` with constant weights on tract's float kernels, with
+//! onnxruntime's integer results.
+//!
+//! tract 0.23.9's int8 kernels widen to i32 and measured 14-40× slower than its float ones on
+//! x86-64. The float kernels give the integer answer when they see integers: the input minus its
+//! zero point and the kernel minus its zero points are integers, every product is exact in f32,
+//! and every partial sum is exact while the sum of absolute values stays within 2^24. This
+//! rewrite checks that bound per output channel from the constant kernel and the input type's
+//! range, and only then replaces the node by
+//!
+//! ```text
+//! DequantizeLinear(x, 1, x_zp) → Conv/MatMul(·, w - w_zp [, bias]) → Mul(·, x_s·w_s/y_s)
+//!     → QuantizeLinear(·, 1, y_zp)
+//! ```
+//!
+//! which is onnxruntime's requantisation (`round_half_even(acc · (x_s · w_s / y_s)) + y_zp`,
+//! saturated) applied to the exact accumulator. Nodes that fail the bound, or whose scales, zero
+//! points or kernel are not constants, keep tract's integer kernels.
+
+use std::collections::HashMap;
+
+use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
+
+use super::graph::{FLOAT, INT32, UINT8, constants, f32_tensor, int_attr, load, node};
+
+/// Largest integer below which every f32 partial sum of integers is exact.
+const EXACT: f64 = 16_777_216.0;
+
+pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
+    let consts = constants(g);
+    let types = input_types(g, &consts);
+    let mut inits = Vec::new();
+    let mut counts = std::collections::BTreeMap::<&str, (usize, usize)>::new();
+    let mut out = Vec::with_capacity(g.node.len());
+    for n in std::mem::take(&mut g.node) {
+        let op = match n.op_type.as_str() {
+            "QLinearConv" if n.domain.is_empty() && n.input.len() >= 8 => "QLinearConv",
+            "QLinearMatMul" if n.domain.is_empty() && n.input.len() == 8 => "QLinearMatMul",
+            _ => {
+                out.push(n);
+                continue;
+            }
+        };
+        let entry = counts.entry(op).or_default();
+        match exact(&n, op == "QLinearConv", &consts, &types, &mut inits) {
+            Some(nodes) => {
+                entry.0 += 1;
+                out.extend(nodes);
+            }
+            None => {
+                entry.1 += 1;
+                out.push(n);
+            }
+        }
+    }
+    g.node = out;
+    g.initializer.extend(inits);
+    for (op, (done, kept)) in counts {
+        if done > 0 {
+            report.push(format!(
+                "ran {done} {op} on float kernels with exact integer accumulation{}",
+                if kept > 0 {
+                    format!(" ({kept} kept on integer kernels: sums could pass 2^24)")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+}
+
+/// ONNX element type of each value whose type is declared or constant.
+fn input_types(g: &GraphProto, consts: &HashMap<String, TensorProto>) -> HashMap<String, i32> {
+    let mut out: HashMap<String, i32> = consts
+        .iter()
+        .map(|(k, t)| (k.clone(), t.data_type))
+        .collect();
+    for v in g.input.iter().chain(&g.value_info).chain(&g.output) {
+        if let Some(tract_onnx::pb::type_proto::Value::TensorType(t)) =
+            v.r#type.as_ref().and_then(|t| t.value.as_ref())
+        {
+            out.insert(v.name.clone(), t.elem_type);
+        }
+    }
+    out
+}
+
+fn values(consts: &HashMap<String, TensorProto>, name: &str) -> Option<(Vec<f64>, Vec<usize>)> {
+    let t = load(consts.get(name)?)?;
+    let shape = t.shape().to_vec();
+    let t = t.cast_to::<f64>().ok()?;
+    let v = t.try_as_plain_ram().ok()?.as_slice::<f64>().ok()?.to_vec();
+    Some((v, shape))
+}
+
+fn f32s(consts: &HashMap<String, TensorProto>, name: &str) -> Option<Vec<f32>> {
+    super::graph::const_f32(consts, name)
+}
+
+fn exact(
+    n: &NodeProto,
+    conv: bool,
+    consts: &HashMap<String, TensorProto>,
+    types: &HashMap<String, i32>,
+    inits: &mut Vec<TensorProto>,
+) -> Option<Vec<NodeProto>> {
+    let input = |i: usize| n.input.get(i).map(String::as_str).unwrap_or("");
+    let x_type = consts
+        .get(input(2))
+        .map(|t| t.data_type)
+        .or_else(|| types.get(input(0)).copied())?;
+    let x_zp = f32s(consts, input(2))?;
+    let [x_zp] = x_zp[..] else { return None };
+    let x_scale = f32s(consts, input(1))?;
+    let [x_scale] = x_scale[..] else { return None };
+    let y_scale = f32s(consts, input(6))?;
+    let [y_scale] = y_scale[..] else { return None };
+    consts.get(input(7))?;
+    let w_scale = f32s(consts, input(4))?;
+    let (w, w_shape) = values(consts, input(3))?;
+    let w_zp = values(consts, input(5))
+        .map(|v| v.0)
+        .unwrap_or_else(|| vec![0.0]);
+    // Output channels: Conv's first kernel axis, MatMul's last.
+    let (channels, k) = match (conv, w_shape.as_slice()) {
+        (true, [c, rest @ ..]) if rest.len() >= 2 => (*c, rest.iter().product::<usize>()),
+        (false, [k, c]) => (*c, *k),
+        _ => return None,
+    };
+    let per = |v: &[f32], c: usize| -> Option<f32> {
+        match v.len() {
+            1 => Some(v[0]),
+            l if l == channels => Some(v[c]),
+            _ => None,
+        }
+    };
+    let per64 = |v: &[f64], c: usize| -> Option<f64> {
+        match v.len() {
+            1 => Some(v[0]),
+            l if l == channels => Some(v[c]),
+            _ => None,
+        }
+    };
+    let x_zp = x_zp as f64;
+    let x_max = if x_type == UINT8 {
+        x_zp.max(255.0 - x_zp)
+    } else {
+        (x_zp + 128.0).max(127.0 - x_zp)
+    };
+    let bias = if conv && !input(8).is_empty() {
+        Some(values(consts, input(8))?.0)
+    } else {
+        None
+    };
+    // The kernel minus its zero point, in the float op's layout, and the bound per channel.
+    let mut wf = vec![0f32; w.len()];
+    let mut m = Vec::with_capacity(channels);
+    for c in 0..channels {
+        let zp = per64(&w_zp, c)?;
+        let mut sum = 0f64;
+        for j in 0..k {
+            let at = if conv { c * k + j } else { j * channels + c };
+            let v = w[at] - zp;
+            wf[at] = v as f32;
+            sum += v.abs();
+        }
+        let b = bias.as_ref().map_or(Some(0.0), |b| per64(b, c))?;
+        if sum * x_max + b.abs() >= EXACT {
+            return None;
+        }
+        // onnxruntime's multiplier, in its f32 order of operations.
+        m.push(x_scale * per(&w_scale, c)? / y_scale);
+    }
+    let tmp = |what: &str| format!("{}__fedge_qx_{what}", n.output[0]);
+    let dims: Vec<i64> = w_shape.iter().map(|&d| d as i64).collect();
+    inits.push(f32_tensor(&tmp("w"), &dims, &wf));
+    inits.push(f32_tensor(&tmp("one"), &[], &[1.0]));
+    let m_dims: Vec<i64> = if conv {
+        std::iter::once(channels as i64)
+            .chain(std::iter::repeat_n(1, w_shape.len() - 2))
+            .collect()
+    } else {
+        vec![channels as i64]
+    };
+    inits.push(f32_tensor(&tmp("m"), &m_dims, &m));
+    let xf = tmp("x");
+    let acc = tmp("acc");
+    let scaled = tmp("scaled");
+    let mut nodes = vec![node(
+        "DequantizeLinear",
+        xf.clone(),
+        &[input(0), &tmp("one"), input(2)],
+        &[&xf],
+        vec![],
+    )];
+    let w_name = tmp("w");
+    let mut op_in: Vec<&str> = vec![&xf, &w_name];
+    let b_name = tmp("b");
+    if let Some(b) = &bias {
+        let b: Vec<f32> = (0..channels)
+            .map(|c| per64(b, c).map(|v| v as f32))
+            .collect::<Option<_>>()?;
+        inits.push(f32_tensor(&b_name, &[channels as i64], &b));
+        op_in.push(&b_name);
+    }
+    let (op, attrs) = if conv {
+        ("Conv", n.attribute.clone())
+    } else {
+        ("MatMul", vec![])
+    };
+    nodes.push(node(op, tmp(op), &op_in, &[&acc], attrs));
+    // Through i32 and back: the accumulator is an integer, so this changes no value, and it
+    // keeps tract from folding the per-channel multiplier into the kernel's weights (which
+    // would scale every product before the sum and lose the exact accumulator).
+    let (acc_i, acc_f) = (tmp("acc_i32"), tmp("acc_f32"));
+    nodes.push(node(
+        "Cast",
+        acc_i.clone(),
+        &[&acc],
+        &[&acc_i],
+        vec![int_attr("to", INT32 as i64)],
+    ));
+    nodes.push(node(
+        "Cast",
+        acc_f.clone(),
+        &[&acc_i],
+        &[&acc_f],
+        vec![int_attr("to", FLOAT as i64)],
+    ));
+    nodes.push(node(
+        "Mul",
+        tmp("Mul"),
+        &[&acc_f, &tmp("m")],
+        &[&scaled],
+        vec![],
+    ));
+    nodes.push(node(
+        "QuantizeLinear",
+        tmp("q"),
+        &[&scaled, &tmp("one"), input(7)],
+        &[&n.output[0]],
+        vec![],
+    ));
+    Some(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use tract_onnx::pb::{self, ModelProto, OperatorSetIdProto};
+
+    use super::super::graph::{INT8, i32_tensor, raw_tensor};
+    use super::*;
+    use crate::{Model, ModelOptions, Tensor};
+
+    /// A small deterministic generator (no dependency, same numbers everywhere).
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (*seed >> 33) as u32
+    }
+
+    fn value_info(name: &str, elem_type: i32, dims: &[usize]) -> pb::ValueInfoProto {
+        use pb::tensor_shape_proto::{Dimension, dimension::Value};
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type,
+                    shape: Some(pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| Dimension {
+                                value: Some(Value::DimValue(d as i64)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn model(n: NodeProto, inits: Vec<TensorProto>, x: &[usize], y: &[usize]) -> Vec<u8> {
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(GraphProto {
+                name: "q".into(),
+                node: vec![n],
+                initializer: inits,
+                input: vec![value_info("x", UINT8, x)],
+                output: vec![value_info("y", UINT8, y)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// onnxruntime's requantisation of an exact accumulator.
+    fn requant(acc: i64, m: f32, zp: f32) -> u8 {
+        ((acc as f32 * m).round_ties_even() + zp).clamp(0.0, 255.0) as u8
+    }
+
+    #[test]
+    fn qlinearconv_on_float_kernels_gives_the_exact_integer_answer() {
+        let (ci, co, h, w, k) = (6usize, 5usize, 7usize, 9usize, 3usize);
+        let mut seed = 7;
+        let x: Vec<u8> = (0..ci * h * w).map(|_| lcg(&mut seed) as u8).collect();
+        let wt: Vec<i8> = (0..co * ci * k * k).map(|_| lcg(&mut seed) as i8).collect();
+        let bias: Vec<i32> = (0..co).map(|c| c as i32 * 977 - 2000).collect();
+        let (xs, xz, ys, yz) = (0.02f32, 131u8, 0.37f32, 117u8);
+        let ws: Vec<f32> = (0..co).map(|c| 0.003 + c as f32 * 0.0007).collect();
+        let scalar = |name: &str, v: f32| f32_tensor(name, &[], &[v]);
+        let inits = vec![
+            scalar("xs", xs),
+            raw_tensor("xz", UINT8, &[], vec![xz]),
+            raw_tensor(
+                "w",
+                INT8,
+                &[co as i64, ci as i64, k as i64, k as i64],
+                wt.iter().map(|&v| v as u8).collect(),
+            ),
+            f32_tensor("ws", &[co as i64], &ws),
+            raw_tensor("wz", INT8, &[co as i64], vec![0; co]),
+            scalar("ys", ys),
+            raw_tensor("yz", UINT8, &[], vec![yz]),
+            i32_tensor("b", &[co as i64], &bias),
+        ];
+        let n = node(
+            "QLinearConv",
+            "conv".into(),
+            &["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+            &["y"],
+            vec![int_attr("group", 1)],
+        );
+        let mut n = n;
+        n.attribute.push(pb::AttributeProto {
+            name: "pads".into(),
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ints: vec![1, 1, 1, 1],
+            ..Default::default()
+        });
+        let bytes = model(n, inits, &[1, ci, h, w], &[1, co, h, w]);
+        let m = Model::from_bytes(&bytes, &ModelOptions::default()).expect("load");
+        assert!(
+            m.graph()
+                .rewrites()
+                .iter()
+                .any(|r| r.contains("1 QLinearConv on float kernels")),
+            "{:?}",
+            m.graph().rewrites()
+        );
+        let got = m
+            .run(&[Tensor::new(&[1, ci, h, w], &x).expect("x")])
+            .expect("run")[0]
+            .to_vec::<u8>()
+            .expect("u8");
+        let mut want = Vec::new();
+        for c in 0..co {
+            let mult = xs * ws[c] / ys;
+            for oy in 0..h as i64 {
+                for ox in 0..w as i64 {
+                    let mut acc = bias[c] as i64;
+                    for i in 0..ci {
+                        for ky in 0..k as i64 {
+                            for kx in 0..k as i64 {
+                                let (iy, ix) = (oy + ky - 1, ox + kx - 1);
+                                let xv = if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
+                                    0
+                                } else {
+                                    x[(i * h + iy as usize) * w + ix as usize] as i64 - xz as i64
+                                };
+                                let wv = wt[((c * ci + i) * k + ky as usize) * k + kx as usize];
+                                acc += xv * wv as i64;
+                            }
+                        }
+                    }
+                    want.push(requant(acc, mult, yz as f32));
+                }
+            }
+        }
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn qlinearmatmul_on_float_kernels_gives_the_exact_integer_answer() {
+        let (rows, k, cols) = (4usize, 300usize, 7usize);
+        let mut seed = 11;
+        let a: Vec<u8> = (0..rows * k).map(|_| lcg(&mut seed) as u8).collect();
+        let b: Vec<u8> = (0..k * cols).map(|_| lcg(&mut seed) as u8).collect();
+        let (as_, az, bs, bz, ys, yz) = (0.013f32, 120u8, 0.002f32, 128u8, 0.9f32, 100u8);
+        let scalar = |name: &str, v: f32| f32_tensor(name, &[], &[v]);
+        let inits = vec![
+            scalar("as", as_),
+            raw_tensor("az", UINT8, &[], vec![az]),
+            raw_tensor("b", UINT8, &[k as i64, cols as i64], b.clone()),
+            scalar("bs", bs),
+            raw_tensor("bz", UINT8, &[], vec![bz]),
+            scalar("ys", ys),
+            raw_tensor("yz", UINT8, &[], vec![yz]),
+        ];
+        let n = node(
+            "QLinearMatMul",
+            "mm".into(),
+            &["x", "as", "az", "b", "bs", "bz", "ys", "yz"],
+            &["y"],
+            vec![],
+        );
+        let bytes = model(n, inits, &[rows, k], &[rows, cols]);
+        let m = Model::from_bytes(&bytes, &ModelOptions::default()).expect("load");
+        assert!(
+            m.graph()
+                .rewrites()
+                .iter()
+                .any(|r| r.contains("1 QLinearMatMul on float kernels")),
+            "{:?}",
+            m.graph().rewrites()
+        );
+        let got = m
+            .run(&[Tensor::new(&[rows, k], &a).expect("a")])
+            .expect("run")[0]
+            .to_vec::<u8>()
+            .expect("u8");
+        let mult = as_ * bs / ys;
+        let want: Vec<u8> = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                let acc: i64 = (0..k)
+                    .map(|j| {
+                        (a[r * k + j] as i64 - az as i64) * (b[j * cols + c] as i64 - bz as i64)
+                    })
+                    .sum();
+                requant(acc, mult, yz as f32)
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_kernel_whose_sums_could_pass_2_pow_24_keeps_the_integer_kernels() {
+        // 600 taps of |w - zp| = 255 against inputs up to 255 away from their zero point.
+        let k = 600usize;
+        let inits = vec![
+            f32_tensor("as", &[], &[0.01]),
+            raw_tensor("az", UINT8, &[], vec![0]),
+            raw_tensor("b", UINT8, &[k as i64, 1], vec![255; k]),
+            f32_tensor("bs", &[], &[0.01]),
+            raw_tensor("bz", UINT8, &[], vec![0]),
+            f32_tensor("ys", &[], &[1.0]),
+            raw_tensor("yz", UINT8, &[], vec![0]),
+        ];
+        let n = node(
+            "QLinearMatMul",
+            "mm".into(),
+            &["x", "as", "az", "b", "bs", "bz", "ys", "yz"],
+            &["y"],
+            vec![],
+        );
+        let mut g = GraphProto {
+            node: vec![n],
+            initializer: inits,
+            input: vec![value_info("x", UINT8, &[1, k])],
+            ..Default::default()
+        };
+        let mut report = Vec::new();
+        rewrite(&mut g, &mut report);
+        assert_eq!(g.node.len(), 1, "{report:?}");
+        assert_eq!(g.node[0].op_type, "QLinearMatMul");
+        assert!(report.is_empty(), "{report:?}");
+    }
+}
