@@ -20,11 +20,12 @@ pub struct ModelOptions {
     pub allow_non_finite: bool,
     /// fedge's graph rewrites before tract (off only to measure what they change).
     pub rewrites: bool,
-    /// Run int8 convolutions and matrix products on tract's integer kernels (QLinearConv,
-    /// QLinearMatMul): bit-faithful to onnxruntime's integer arithmetic (the default). Off, they
-    /// run as float kernels between exact quantize steps: 10-20x faster with tract 0.23.9 on
-    /// x86-64, but single rounding-step differences can grow through deep networks
-    /// (see `docs/runtime.md`).
+    /// Run int8 convolutions and matrix products with onnxruntime's integer results
+    /// (QLinearConv, QLinearMatMul; the default): on the CPU backend those with constant
+    /// kernels run on tract's float kernels with exact integer accumulation, the rest on
+    /// tract's integer kernels. Off, every one runs as float kernels between exact quantize
+    /// steps, with the scales applied before the sum: single rounding-step differences can
+    /// grow through deep networks (see `docs/runtime.md`).
     pub integer_kernels: bool,
 }
 

@@ -49,7 +49,8 @@ pub struct ModelFlags {
     #[arg(long)]
     pub no_rewrites: bool,
     /// Run int8 convolutions and matrix products as float kernels between exact quantize
-    /// steps: much faster on tract 0.23.9, less faithful to onnxruntime's integer results.
+    /// steps, scales applied before the sum: less faithful to onnxruntime's integer results.
+    /// (By default those with constant kernels already use float kernels, exactly.)
     #[arg(long)]
     pub float_kernels: bool,
 }
