@@ -304,6 +304,30 @@ mod tests {
         .encode_to_vec()
     }
 
+    /// `y = QLinearMatMul(x, as, az, b, bs, bz, ys, yz)`.
+    fn qlinear_matmul() -> NodeProto {
+        node(
+            "QLinearMatMul",
+            "mm".into(),
+            &["x", "as", "az", "b", "bs", "bz", "ys", "yz"],
+            &["y"],
+            vec![],
+        )
+    }
+
+    /// The rewrite on a one-node graph with input `x` ([1, k] uint8): its nodes and report.
+    fn rewritten(n: NodeProto, inits: Vec<TensorProto>, k: usize) -> (GraphProto, Vec<String>) {
+        let mut g = GraphProto {
+            node: vec![n],
+            initializer: inits,
+            input: vec![value_info("x", UINT8, &[1, k])],
+            ..Default::default()
+        };
+        let mut report = Vec::new();
+        rewrite(&mut g, &mut report);
+        (g, report)
+    }
+
     /// onnxruntime's requantisation of an exact accumulator.
     fn requant(acc: i64, m: f32, zp: f32) -> u8 {
         ((acc as f32 * m).round_ties_even() + zp).clamp(0.0, 255.0) as u8
@@ -407,13 +431,7 @@ mod tests {
             scalar("ys", ys),
             raw_tensor("yz", UINT8, &[], vec![yz]),
         ];
-        let n = node(
-            "QLinearMatMul",
-            "mm".into(),
-            &["x", "as", "az", "b", "bs", "bz", "ys", "yz"],
-            &["y"],
-            vec![],
-        );
+        let n = qlinear_matmul();
         let bytes = model(n, inits, &[rows, k], &[rows, cols]);
         let m = Model::from_bytes(&bytes, &ModelOptions::default()).expect("load");
         assert!(
@@ -457,23 +475,59 @@ mod tests {
             f32_tensor("ys", &[], &[1.0]),
             raw_tensor("yz", UINT8, &[], vec![0]),
         ];
-        let n = node(
-            "QLinearMatMul",
-            "mm".into(),
-            &["x", "as", "az", "b", "bs", "bz", "ys", "yz"],
-            &["y"],
-            vec![],
-        );
-        let mut g = GraphProto {
-            node: vec![n],
-            initializer: inits,
-            input: vec![value_info("x", UINT8, &[1, k])],
-            ..Default::default()
-        };
-        let mut report = Vec::new();
-        rewrite(&mut g, &mut report);
+        let n = qlinear_matmul();
+        let (g, report) = rewritten(n, inits, k);
         assert_eq!(g.node.len(), 1, "{report:?}");
         assert_eq!(g.node[0].op_type, "QLinearMatMul");
         assert!(report.is_empty(), "{report:?}");
+    }
+
+    #[test]
+    fn malformed_or_run_time_parameters_keep_the_node_and_never_panic() {
+        let k = 8usize;
+        let good = |name: &str| -> TensorProto {
+            match name {
+                "as" | "bs" | "ys" => f32_tensor(name, &[], &[0.5]),
+                "b" => raw_tensor("b", UINT8, &[k as i64, 3], vec![7; k * 3]),
+                _ => raw_tensor(name, UINT8, &[], vec![3]),
+            }
+        };
+        let all = ["as", "az", "b", "bs", "bz", "ys", "yz"];
+        // Each case: the initializers with one of them replaced (or left out).
+        let cases: Vec<(&str, Option<TensorProto>)> = vec![
+            // The kernel fed at run time (not a constant).
+            ("b", None),
+            // The output scale fed at run time.
+            ("ys", None),
+            // Per-column scales of the wrong length (4 for 3 columns).
+            ("bs", Some(f32_tensor("bs", &[4], &[0.1; 4]))),
+            // A vector input scale (QLinearMatMul's is a scalar).
+            ("as", Some(f32_tensor("as", &[2], &[0.1, 0.2]))),
+            // A kernel of rank 3.
+            ("b", Some(raw_tensor("b", UINT8, &[2, 4, 3], vec![1; 24]))),
+            // A zero point whose declared shape has no data behind it.
+            ("az", Some(raw_tensor("az", UINT8, &[1], vec![]))),
+            // Per-column kernel zero points of the wrong length.
+            ("bz", Some(raw_tensor("bz", UINT8, &[2], vec![1, 2]))),
+        ];
+        for (which, replacement) in cases {
+            let inits: Vec<TensorProto> = all
+                .iter()
+                .filter_map(|&name| {
+                    if name == which {
+                        replacement.clone()
+                    } else {
+                        Some(good(name))
+                    }
+                })
+                .collect();
+            let (g, report) = rewritten(qlinear_matmul(), inits, k);
+            assert_eq!(g.node.len(), 1, "{which}: {report:?}");
+            assert_eq!(g.node[0].op_type, "QLinearMatMul", "{which}");
+            assert!(report.is_empty(), "{which}: {report:?}");
+        }
+        // The same node with every parameter well formed is rewritten.
+        let (g, report) = rewritten(qlinear_matmul(), all.iter().map(|&n| good(n)).collect(), k);
+        assert_eq!(g.node.len(), 6, "{report:?}");
     }
 }
