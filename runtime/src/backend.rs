@@ -56,6 +56,27 @@ pub trait Executable: Send + Sync + std::fmt::Debug {
     fn outputs(&self) -> Option<Vec<TensorInfo>> {
         None
     }
+
+    /// Runs the model `runs` times timing every node of the optimised plan, for backends that
+    /// can (the CPU backend); `None` otherwise.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Backend`] when evaluation fails.
+    fn profile(&self, inputs: Vec<Tensor>, runs: usize) -> Option<Result<Vec<NodeTime>>> {
+        let _ = (inputs, runs);
+        None
+    }
+}
+
+/// Time spent in one node of an optimised plan, summed over the profiled runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeTime {
+    /// The node's name in the optimised plan (rewritten nodes carry their ONNX node's name).
+    pub node: String,
+    /// The optimised op's name (tract's, e.g. `Conv`, `EinSum`, `OptMatMul`, `Add`).
+    pub op: String,
+    /// Total seconds over all profiled runs.
+    pub seconds: f64,
 }
 
 /// How a partitioning backend placed a graph's nodes.

@@ -308,6 +308,47 @@ impl CpuExec {
     }
 }
 
+impl CpuExec {
+    fn profile_plan(&self, inputs: Vec<HostTensor>, runs: usize) -> Result<Vec<crate::NodeTime>> {
+        use std::time::Instant;
+        use tract_onnx::tract_core::plan::{SimpleState, eval};
+        let key = self.key(&inputs);
+        let plan = self.plan(&key, &inputs)?;
+        let mut state = SimpleState::new(&plan).map_err(RuntimeError::backend)?;
+        let mut times = vec![0f64; plan.model().nodes().len()];
+        let values = self.feed(&inputs)?;
+        let mut run = || -> TractResult<()> {
+            for _ in 0..runs {
+                state.run_plan_with_eval(values.clone(), |ctx, st, node, inp| {
+                    let t = Instant::now();
+                    let out = eval(ctx, st, node, inp);
+                    if let Some(slot) = times.get_mut(node.id) {
+                        *slot += t.elapsed().as_secs_f64();
+                    }
+                    out
+                })?;
+            }
+            Ok(())
+        };
+        match &self.executor {
+            Some(e) => tract_linalg::multithread::multithread_tract_scope(e.clone(), run),
+            None => run(),
+        }
+        .map_err(RuntimeError::backend)?;
+        Ok(plan
+            .model()
+            .nodes()
+            .iter()
+            .filter(|n| times[n.id] > 0.0)
+            .map(|n| crate::NodeTime {
+                node: n.name.clone(),
+                op: n.op().name().to_string(),
+                seconds: times[n.id],
+            })
+            .collect())
+    }
+}
+
 impl Executable for CpuExec {
     fn run(&self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>> {
         let key = self.key(&inputs);
@@ -320,6 +361,14 @@ impl Executable for CpuExec {
         }
         .map_err(RuntimeError::backend)?;
         out.iter().map(|v| from_tract(v)).collect()
+    }
+
+    fn profile(
+        &self,
+        inputs: Vec<HostTensor>,
+        runs: usize,
+    ) -> Option<Result<Vec<crate::NodeTime>>> {
+        Some(self.profile_plan(inputs, runs))
     }
 
     fn describe(&self) -> Vec<String> {

@@ -37,7 +37,7 @@ mod options;
 mod tensor;
 pub mod train;
 
-pub use backend::{Backend, Executable, Placement, Registry};
+pub use backend::{Backend, Executable, NodeTime, Placement, Registry};
 pub use error::{GpuError, Result, RuntimeError};
 pub use model::{Dim, Graph, Model, QuantFormat, TensorInfo};
 pub use options::ModelOptions;

@@ -322,6 +322,16 @@ impl Model {
         self.exec.run(inputs.to_vec())
     }
 
+    /// Runs the model `runs` times timing every node of the backend's optimised plan: where the
+    /// time goes. `None` for backends that cannot (the GPU backend).
+    ///
+    /// # Errors
+    /// As [`Model::run`].
+    pub fn profile(&self, inputs: &[Tensor], runs: usize) -> Result<Option<Vec<crate::NodeTime>>> {
+        self.validate(inputs)?;
+        self.exec.profile(inputs.to_vec(), runs).transpose()
+    }
+
     /// Runs with inputs given by name.
     ///
     /// # Errors

@@ -21,14 +21,29 @@ use std::collections::HashMap;
 
 use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
 
-use super::graph::{FLOAT, INT32, UINT8, constants, f32_tensor, int_attr, load, node};
+use super::graph::{FLOAT, INT8, INT32, UINT8, constants, f32_tensor, int_attr, load, node};
 
 /// Largest integer below which every f32 partial sum of integers is exact.
 const EXACT: f64 = 16_777_216.0;
 
 pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
     let consts = constants(g);
-    let types = input_types(g, &consts);
+    let mut types = input_types(g, &consts);
+    // Values known to be scalars at run time: the zero points DynamicQuantizeLinear computes.
+    let mut scalars = std::collections::HashSet::new();
+    for n in g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DynamicQuantizeLinear" && n.domain.is_empty())
+    {
+        if let Some(y) = n.output.first() {
+            types.insert(y.clone(), UINT8);
+        }
+        if let Some(zp) = n.output.get(2).filter(|s| !s.is_empty()) {
+            types.insert(zp.clone(), UINT8);
+            scalars.insert(zp.clone());
+        }
+    }
     let mut inits = Vec::new();
     let mut counts = std::collections::BTreeMap::<&str, (usize, usize)>::new();
     let mut out = Vec::with_capacity(g.node.len());
@@ -36,13 +51,32 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
         let op = match n.op_type.as_str() {
             "QLinearConv" if n.domain.is_empty() && n.input.len() >= 8 => "QLinearConv",
             "QLinearMatMul" if n.domain.is_empty() && n.input.len() == 8 => "QLinearMatMul",
+            "ConvInteger" if n.domain.is_empty() && (2..=4).contains(&n.input.len()) => {
+                "ConvInteger"
+            }
+            "MatMulInteger" if n.domain.is_empty() && (2..=4).contains(&n.input.len()) => {
+                "MatMulInteger"
+            }
             _ => {
                 out.push(n);
                 continue;
             }
         };
         let entry = counts.entry(op).or_default();
-        match exact(&n, op == "QLinearConv", &consts, &types, &mut inits) {
+        let done = match op {
+            "QLinearConv" | "QLinearMatMul" => {
+                exact(&n, op == "QLinearConv", &consts, &types, &mut inits)
+            }
+            _ => integer(
+                &n,
+                op == "ConvInteger",
+                &consts,
+                &types,
+                &scalars,
+                &mut inits,
+            ),
+        };
+        match done {
             Some(nodes) => {
                 entry.0 += 1;
                 out.extend(nodes);
@@ -244,12 +278,141 @@ fn exact(
     Some(nodes)
 }
 
+/// The kernel minus its zero points, as f32 in the kernel's own layout, and the largest sum of
+/// absolute values over one output channel; `None` if a zero point's length fits neither a
+/// scalar nor one per output channel, or the kernel's rank fits neither op.
+fn centred_kernel(
+    w: &[f64],
+    w_shape: &[usize],
+    w_zp: &[f64],
+    conv: bool,
+) -> Option<(Vec<f32>, f64)> {
+    let (channels, k) = match (conv, w_shape) {
+        (true, [c, rest @ ..]) if rest.len() >= 2 => (*c, rest.iter().product::<usize>()),
+        (false, [k, c]) => (*c, *k),
+        _ => return None,
+    };
+    if w.len() != channels * k {
+        return None;
+    }
+    let mut wf = vec![0f32; w.len()];
+    let mut worst = 0f64;
+    for c in 0..channels {
+        let zp = match w_zp.len() {
+            1 => w_zp[0],
+            l if l == channels => w_zp[c],
+            _ => return None,
+        };
+        let mut sum = 0f64;
+        for j in 0..k {
+            let at = if conv { c * k + j } else { j * channels + c };
+            let v = w[at] - zp;
+            wf[at] = v as f32;
+            sum += v.abs();
+        }
+        worst = worst.max(sum);
+    }
+    Some((wf, worst))
+}
+
+/// `ConvInteger` / `MatMulInteger` with a constant kernel, as
+///
+/// ```text
+/// Cast(x, f32) - Cast(x_zp, f32) → Conv/MatMul(·, w - w_zp) → Cast(·, int32)
+/// ```
+///
+/// The output is the same int32 accumulator, exactly, when the bound holds. The input zero
+/// point may be computed at run time (`DynamicQuantizeLinear`, the dynamic quantizer's
+/// pattern), as long as it is known to be a scalar: `|x - x_zp| ≤ 255` for 8-bit types whatever
+/// its value.
+fn integer(
+    n: &NodeProto,
+    conv: bool,
+    consts: &HashMap<String, TensorProto>,
+    types: &HashMap<String, i32>,
+    scalars: &std::collections::HashSet<String>,
+    inits: &mut Vec<TensorProto>,
+) -> Option<Vec<NodeProto>> {
+    let input = |i: usize| n.input.get(i).map(String::as_str).unwrap_or("");
+    if consts.contains_key(input(0)) {
+        return None;
+    }
+    let x_type = types.get(input(0)).copied()?;
+    if x_type != UINT8 && x_type != INT8 {
+        return None;
+    }
+    let x_zp = input(2);
+    let x_max = if x_zp.is_empty() {
+        if x_type == UINT8 { 255.0 } else { 128.0 }
+    } else if let Some(zp) = values(consts, x_zp) {
+        let [zp] = zp.0[..] else { return None };
+        if x_type == UINT8 {
+            zp.max(255.0 - zp)
+        } else {
+            (zp + 128.0).max(127.0 - zp)
+        }
+    } else if scalars.contains(x_zp) {
+        255.0
+    } else {
+        return None;
+    };
+    let (w, w_shape) = values(consts, input(1))?;
+    let w_zp = if input(3).is_empty() {
+        vec![0.0]
+    } else {
+        values(consts, input(3))?.0
+    };
+    let (wf, worst) = centred_kernel(&w, &w_shape, &w_zp, conv)?;
+    if worst * x_max >= EXACT {
+        return None;
+    }
+    let tmp = |what: &str| format!("{}__fedge_qi_{what}", n.output.first().map_or("", |s| s));
+    let dims: Vec<i64> = w_shape.iter().map(|&d| d as i64).collect();
+    inits.push(f32_tensor(&tmp("w"), &dims, &wf));
+    let cast = |name: String, from: &str, to: i32| {
+        node(
+            "Cast",
+            name.clone(),
+            &[from],
+            &[&name],
+            vec![int_attr("to", to as i64)],
+        )
+    };
+    let mut nodes = vec![cast(tmp("xf"), input(0), FLOAT)];
+    let mut xc = tmp("xf");
+    if !x_zp.is_empty() {
+        nodes.push(cast(tmp("zpf"), x_zp, FLOAT));
+        nodes.push(node(
+            "Sub",
+            tmp("xc"),
+            &[&tmp("xf"), &tmp("zpf")],
+            &[&tmp("xc")],
+            vec![],
+        ));
+        xc = tmp("xc");
+    }
+    let (op, attrs) = if conv {
+        ("Conv", n.attribute.clone())
+    } else {
+        ("MatMul", vec![])
+    };
+    nodes.push(node(op, tmp(op), &[&xc, &tmp("w")], &[&tmp("acc")], attrs));
+    nodes.push(node(
+        "Cast",
+        tmp("i32"),
+        &[&tmp("acc")],
+        &[&n.output[0]],
+        vec![int_attr("to", INT32 as i64)],
+    ));
+    Some(nodes)
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
     use tract_onnx::pb::{self, ModelProto, OperatorSetIdProto};
 
-    use super::super::graph::{INT8, i32_tensor, raw_tensor};
+    use super::super::graph::{i32_tensor, raw_tensor};
     use super::*;
     use crate::{Model, ModelOptions, Tensor};
 
@@ -529,5 +692,170 @@ mod tests {
         // The same node with every parameter well formed is rewritten.
         let (g, report) = rewritten(qlinear_matmul(), all.iter().map(|&n| good(n)).collect(), k);
         assert_eq!(g.node.len(), 6, "{report:?}");
+    }
+
+    /// A graph `x (f32) → DynamicQuantizeLinear → op(xq, w, xzp, wzp) → y (int32)`: the
+    /// dynamic quantizer's pattern, with the input zero point computed at run time.
+    fn dynamic(
+        op: &str,
+        w: TensorProto,
+        wz: TensorProto,
+        attrs: Vec<pb::AttributeProto>,
+        x: &[usize],
+        y: &[usize],
+    ) -> Vec<u8> {
+        let dql = node(
+            "DynamicQuantizeLinear",
+            "dql".into(),
+            &["x"],
+            &["xq", "xs", "xz"],
+            vec![],
+        );
+        let n = node(op, "op".into(), &["xq", "w", "xz", "wz"], &["y"], attrs);
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(GraphProto {
+                name: "d".into(),
+                node: vec![dql, n],
+                initializer: vec![w, wz],
+                input: vec![value_info("x", FLOAT, x)],
+                output: vec![value_info("y", INT32, y)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// The rewritten model's int32 output, tract's integer kernels' output (rewrites off) and
+    /// the rewrite report.
+    fn both(bytes: &[u8], x: &Tensor) -> (Vec<i32>, Vec<i32>, Vec<String>) {
+        let fast = Model::from_bytes(bytes, &ModelOptions::default()).expect("load");
+        let plain = Model::from_bytes(
+            bytes,
+            &ModelOptions {
+                rewrites: false,
+                ..ModelOptions::default()
+            },
+        )
+        .expect("load plain");
+        let run = |m: &Model| {
+            m.run(std::slice::from_ref(x)).expect("run")[0]
+                .to_vec::<i32>()
+                .expect("i32")
+        };
+        (run(&fast), run(&plain), fast.graph().rewrites().to_vec())
+    }
+
+    #[test]
+    fn dynamic_conv_integer_on_float_kernels_equals_the_integer_kernels() {
+        let (ci, co, h, w, k) = (8usize, 6usize, 9usize, 11usize, 3usize);
+        let mut seed = 3;
+        let x: Vec<f32> = (0..ci * h * w)
+            .map(|_| (lcg(&mut seed) % 2000) as f32 / 250.0 - 3.0)
+            .collect();
+        let wt: Vec<u8> = (0..co * ci * k * k).map(|_| lcg(&mut seed) as u8).collect();
+        let mut attrs = vec![int_attr("group", 1)];
+        attrs.push(pb::AttributeProto {
+            name: "pads".into(),
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ints: vec![1, 1, 1, 1],
+            ..Default::default()
+        });
+        let bytes = dynamic(
+            "ConvInteger",
+            raw_tensor("w", INT8, &[co as i64, ci as i64, k as i64, k as i64], wt),
+            raw_tensor("wz", INT8, &[], vec![5]),
+            attrs,
+            &[1, ci, h, w],
+            &[1, co, h, w],
+        );
+        let input = Tensor::new(&[1, ci, h, w], &x).expect("x");
+        let (fast, plain, report) = both(&bytes, &input);
+        assert!(
+            report
+                .iter()
+                .any(|r| r.contains("1 ConvInteger on float kernels")),
+            "{report:?}"
+        );
+        assert_eq!(fast, plain);
+        assert!(
+            fast.iter().any(|&v| v.abs() > 1000),
+            "a trivial output proves nothing"
+        );
+    }
+
+    #[test]
+    fn dynamic_matmul_integer_with_per_column_zero_points_equals_the_integer_kernels() {
+        let (rows, k, cols) = (5usize, 200usize, 9usize);
+        let mut seed = 5;
+        let x: Vec<f32> = (0..rows * k)
+            .map(|_| (lcg(&mut seed) % 1000) as f32 / 100.0 - 2.0)
+            .collect();
+        let b: Vec<u8> = (0..k * cols).map(|_| lcg(&mut seed) as u8).collect();
+        let zps: Vec<u8> = (0..cols as u8).map(|c| 120 + c).collect();
+        let bytes = dynamic(
+            "MatMulInteger",
+            raw_tensor("w", UINT8, &[k as i64, cols as i64], b),
+            raw_tensor("wz", UINT8, &[cols as i64], zps),
+            vec![],
+            &[rows, k],
+            &[rows, cols],
+        );
+        let input = Tensor::new(&[rows, k], &x).expect("x");
+        let (fast, plain, report) = both(&bytes, &input);
+        assert!(
+            report
+                .iter()
+                .any(|r| r.contains("1 MatMulInteger on float kernels")),
+            "{report:?}"
+        );
+        assert_eq!(fast, plain);
+        assert!(
+            fast.iter().any(|&v| v.abs() > 1000),
+            "a trivial output proves nothing"
+        );
+    }
+
+    #[test]
+    fn integer_ops_whose_input_zero_point_may_not_be_a_scalar_keep_the_integer_kernels() {
+        // MatMulInteger's input zero point fed as a graph input: it may be one per row.
+        let k = 16usize;
+        let n = node(
+            "MatMulInteger",
+            "mm".into(),
+            &["x", "b", "az"],
+            &["y"],
+            vec![],
+        );
+        let mut g = GraphProto {
+            node: vec![n],
+            initializer: vec![raw_tensor("b", UINT8, &[k as i64, 2], vec![3; k * 2])],
+            input: vec![
+                value_info("x", UINT8, &[4, k]),
+                value_info("az", UINT8, &[4]),
+            ],
+            ..Default::default()
+        };
+        let mut report = Vec::new();
+        rewrite(&mut g, &mut report);
+        assert_eq!(g.node.len(), 1, "{report:?}");
+        assert_eq!(g.node[0].op_type, "MatMulInteger");
+        // A kernel whose sums could pass 2^24: 300 taps of 255 against inputs up to 255.
+        let k = 300usize;
+        let n = node("MatMulInteger", "mm".into(), &["x", "b"], &["y"], vec![]);
+        let mut g = GraphProto {
+            node: vec![n],
+            initializer: vec![raw_tensor("b", UINT8, &[k as i64, 1], vec![255; k])],
+            input: vec![value_info("x", UINT8, &[1, k])],
+            ..Default::default()
+        };
+        rewrite(&mut g, &mut report);
+        assert_eq!(g.node[0].op_type, "MatMulInteger", "{report:?}");
+        assert!(report.is_empty(), "{report:?}");
     }
 }

@@ -20,6 +20,81 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// After timing, run N more times timing every node of the optimised plan and print where
+    /// the time goes: by op, then the slowest nodes (CPU backend only).
+    #[arg(long, value_name = "N")]
+    pub per_op: Option<usize>,
+    /// How many of the slowest nodes `--per-op` lists.
+    #[arg(long, default_value_t = 15)]
+    pub top: usize,
+}
+
+/// Time by op and the slowest nodes, from `Model::profile`.
+fn per_op(
+    model: &fedge_runtime::Model,
+    inputs: &[fedge_runtime::Tensor],
+    runs: usize,
+    top: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let runs = runs.max(1);
+    let Some(mut nodes) = model.profile(inputs, runs)? else {
+        anyhow::bail!(
+            "--per-op: the {} backend cannot time single nodes (the CPU backend can)",
+            model.backend().0
+        );
+    };
+    let total: f64 = nodes.iter().map(|n| n.seconds).sum();
+    let mut by_op = std::collections::BTreeMap::<String, (f64, usize)>::new();
+    for n in &nodes {
+        let e = by_op.entry(n.op.clone()).or_default();
+        e.0 += n.seconds;
+        e.1 += 1;
+    }
+    let mut by_op: Vec<_> = by_op.into_iter().collect();
+    by_op.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
+    nodes.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    let ms = |s: f64| s * 1e3 / runs as f64;
+    Ok(serde_json::json!({
+        "runs": runs,
+        "total_ms": ms(total),
+        "ops": by_op.iter().map(|(op, (s, count))| serde_json::json!({
+            "op": op, "nodes": count, "ms": ms(*s), "share": s / total,
+        })).collect::<Vec<_>>(),
+        "slowest": nodes.iter().take(top).map(|n| serde_json::json!({
+            "node": n.node, "op": n.op, "ms": ms(n.seconds), "share": n.seconds / total,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+fn print_per_op(p: &serde_json::Value) {
+    println!(
+        "  per node ({} run(s), {:.3} ms per run in nodes):",
+        p["runs"],
+        p["total_ms"].as_f64().unwrap_or(f64::NAN)
+    );
+    println!(
+        "    {:<28} {:>5} {:>10} {:>6}",
+        "op", "nodes", "ms/run", "share"
+    );
+    for o in p["ops"].as_array().into_iter().flatten() {
+        println!(
+            "    {:<28} {:>5} {:>10.3} {:>5.1}%",
+            o["op"].as_str().unwrap_or(""),
+            o["nodes"],
+            o["ms"].as_f64().unwrap_or(f64::NAN),
+            o["share"].as_f64().unwrap_or(f64::NAN) * 100.0
+        );
+    }
+    println!("    slowest nodes:");
+    for n in p["slowest"].as_array().into_iter().flatten() {
+        println!(
+            "    {:>10.3} ms {:>5.1}%  {} ({})",
+            n["ms"].as_f64().unwrap_or(f64::NAN),
+            n["share"].as_f64().unwrap_or(f64::NAN) * 100.0,
+            n["node"].as_str().unwrap_or(""),
+            n["op"].as_str().unwrap_or("")
+        );
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -60,7 +135,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let total_s = start.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     let mean = lat.iter().sum::<f64>() / lat.len() as f64;
-    let j = serde_json::json!({
+    let profile = a
+        .per_op
+        .map(|runs| per_op(&model, &inputs, runs, a.top))
+        .transpose()?;
+    let mut j = serde_json::json!({
         "model": a.model.model,
         "backend": model.backend().0,
         "threads": a.model.threads,
@@ -74,6 +153,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "throughput_per_s": lat.len() as f64 / total_s,
         "peak_rss_mib": peak_rss_mib(),
     });
+    if let Some(p) = &profile {
+        j["per_op"] = p.clone();
+    }
     if a.json {
         println!("{j}");
     } else {
@@ -92,6 +174,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("  throughput {:8.1} runs/s", lat.len() as f64 / total_s);
         if let Some(rss) = peak_rss_mib() {
             println!("  peak RSS  {rss:9.1} MiB");
+        }
+        if let Some(p) = &profile {
+            print_per_op(p);
         }
     }
     Ok(())
