@@ -60,6 +60,11 @@ pub struct Tolerance {
     pub argmax: bool,
     /// Fraction of reference rows whose top-1 must agree (1.0 unless stated).
     pub min_top1: Option<f64>,
+    /// Bound on the mean absolute error of the first output, per case: the element-wise check
+    /// for models where two legitimate executions differ by whole quantization steps at a few
+    /// positions, so `max_abs` is capped at the output's peak.
+    #[serde(default)]
+    pub mean_abs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

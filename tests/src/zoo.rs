@@ -16,6 +16,8 @@ pub struct Outcome {
     pub cases: usize,
     pub max_abs: f64,
     pub top1_agree: f64,
+    /// The largest per-case mean absolute error of the first output.
+    pub mean_abs: f64,
     /// The backend's node placement (GPU backend).
     pub placement: Option<fedge_runtime::Placement>,
     /// `Model::describe` after the runs.
@@ -61,7 +63,7 @@ pub fn check(name: &str, opts: Option<ModelOptions>) -> Option<Outcome> {
         "{name}: no reference cases in {}",
         refs.display()
     );
-    let (mut max_abs, mut agree, mut rows) = (0f64, 0usize, 0usize);
+    let (mut max_abs, mut mean_abs, mut agree, mut rows) = (0f64, 0f64, 0usize, 0usize);
     for (c, (ins, want)) in cases.iter().enumerate() {
         let got = model
             .run(ins)
@@ -71,6 +73,11 @@ pub fn check(name: &str, opts: Option<ModelOptions>) -> Option<Outcome> {
             assert_eq!(g.shape(), w.shape(), "{name} case {c} output {k}: shape");
             let (err, a, r) = compare(g, w);
             max_abs = max_abs.max(err);
+            if k == 0 {
+                let (g, w) = (g.to_f64_lossy(), w.to_f64_lossy());
+                let sum: f64 = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).sum();
+                mean_abs = mean_abs.max(sum / w.len().max(1) as f64);
+            }
             if m.tolerance.argmax && k == 0 {
                 agree += a;
                 rows += r;
@@ -83,12 +90,21 @@ pub fn check(name: &str, opts: Option<ModelOptions>) -> Option<Outcome> {
         agree as f64 / rows as f64
     };
     eprintln!(
-        "{name} ({}): {} cases, max |fedge - onnxruntime| = {max_abs:.3e} (tolerance {:.1e}), top-1 agreement {:.2}%",
+        "{name} ({}): {} cases, max |fedge - onnxruntime| = {max_abs:.3e} (tolerance {:.1e}), mean {mean_abs:.3e}{}, top-1 agreement {:.2}%",
         m.quantization.format,
         cases.len(),
         m.tolerance.max_abs,
+        m.tolerance
+            .mean_abs
+            .map_or(String::new(), |t| format!(" (tolerance {t:.1e})")),
         top1 * 100.0
     );
+    if let Some(t) = m.tolerance.mean_abs {
+        assert!(
+            mean_abs <= t,
+            "{name}: mean abs error {mean_abs:.3e} above {t}"
+        );
+    }
     assert!(
         max_abs <= m.tolerance.max_abs,
         "{name}: max abs error {max_abs:.3e} above {}",
@@ -105,6 +121,7 @@ pub fn check(name: &str, opts: Option<ModelOptions>) -> Option<Outcome> {
         cases: cases.len(),
         max_abs,
         top1_agree: top1,
+        mean_abs,
         placement: model.placement(),
         describe: model.describe(),
     })

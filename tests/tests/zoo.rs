@@ -26,12 +26,10 @@ zoo! {
     ppocr_cls_qdq_matches_onnxruntime => "ppocr_cls_qdq",
     ppocr_cls_qop_matches_onnxruntime => "ppocr_cls_qop",
     ppocr_det_v4_matches_onnxruntime => "ppocr_det_v4",
-    #[ignore = "open: max error 0.876 against onnxruntime; the references come from onnxruntime u8s8 kernels without reduce_range, which saturate on AVX2 without VNNI"]
     ppocr_det_v4_dyn_matches_onnxruntime => "ppocr_det_v4_dyn",
     ppocr_det_v4_qdq_matches_onnxruntime => "ppocr_det_v4_qdq",
     ppocr_det_v4_qop_matches_onnxruntime => "ppocr_det_v4_qop",
     ppocr_rec_v4_matches_onnxruntime => "ppocr_rec_v4",
-    #[ignore = "open: max error 0.098 against onnxruntime; as ppocr_det_v4_dyn (saturating u8s8 references)"]
     ppocr_rec_v4_dyn_matches_onnxruntime => "ppocr_rec_v4_dyn",
     ppocr_rec_v4_qdq_matches_onnxruntime => "ppocr_rec_v4_qdq",
     #[ignore = "open: max error 0.0625 against onnxruntime (tolerance 0.02), top-1 agreement 100% on its 6 cases; where the remaining difference arises is not traced yet"]

