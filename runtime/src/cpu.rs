@@ -260,7 +260,7 @@ impl CpuExec {
         } else {
             std::borrow::Cow::Borrowed(&self.proto)
         };
-        let mut model = tract_onnx::onnx()
+        let mut model = crate::tract_ops::onnx()
             .with_ignore_output_shapes(true)
             .model_for_proto_model(&proto)
             .map_err(RuntimeError::backend)?;

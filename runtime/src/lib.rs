@@ -35,6 +35,7 @@ mod model;
 pub mod npy;
 mod options;
 mod tensor;
+mod tract_ops;
 pub mod train;
 
 pub use backend::{Backend, Executable, NodeTime, Placement, Registry};

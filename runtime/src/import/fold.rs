@@ -107,7 +107,7 @@ fn eval_condition(proto: &ModelProto, name: &str) -> Option<bool> {
         ..Default::default()
     }];
     sg.value_info.clear();
-    let model = tract_onnx::onnx()
+    let model = crate::tract_ops::onnx()
         .with_ignore_output_shapes(true)
         .with_ignore_output_types(true)
         .model_for_proto_model(&sub)

@@ -6,9 +6,14 @@
 //! - `fold`: `If` nodes whose condition is constant once inputs are fixed;
 //! - `msft`: onnxruntime's `com.microsoft` QOperator ops decomposed into standard ops;
 //! - `qfloat`: Q/DQ tract cannot run (16-bit, run-time parameters) as exact float arithmetic;
+//! - `qexact`: int8 convolutions and matrix products with constant kernels on float kernels,
+//!   with exact integer sums;
+//! - `exactdiv`: float divisions of quantized graphs computed as divisions (tract multiplies by
+//!   reciprocals);
 //! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
 //!   wrong rewritten into exact float arithmetic.
 
+mod exactdiv;
 mod fold;
 pub(crate) mod graph;
 mod msft;
@@ -65,6 +70,9 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
     shapes::bake_constants(graph, &opts.constants, &mut report)?;
     shapes::resolve_dims(graph, opts, &mut report);
     if opts.rewrites {
+        if opts.integer_kernels && opts.backend == "cpu" {
+            exactdiv::qlinear_add(graph, &mut report);
+        }
         msft::decompose(graph, &mut report);
         qfloat::rewrite(graph, &mut report);
         if !opts.integer_kernels {
@@ -74,6 +82,11 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
         // The GPU backend has int8 kernels of its own; the CPU's are tract's, and slow.
         if opts.integer_kernels && opts.backend == "cpu" {
             qexact::rewrite(graph, &mut report);
+            if exactdiv::quantizes(graph) {
+                exactdiv::rewrite(graph, &mut report);
+                exactdiv::quantize(graph, &mut report);
+                exactdiv::global_average_pool(graph, &mut report);
+            }
         }
     }
     fold::fold_ifs(&mut proto, &mut report);
@@ -117,7 +130,7 @@ pub(crate) fn has_if(proto: &ModelProto) -> bool {
 
 /// Every op type no backend implements, named all at once.
 fn check_ops(proto: &ModelProto) -> Result<()> {
-    let known = tract_onnx::onnx().op_register.0;
+    let known = crate::tract_ops::onnx().op_register.0;
     let mut missing = BTreeSet::new();
     if let Some(g) = &proto.graph {
         collect_unknown(g, &known, &mut missing);

@@ -1,0 +1,514 @@
+//! Ops fedge adds to tract-onnx's register, and the register every parse goes through.
+//!
+//! `FedgeExactDiv` (domain `ai.fedge`, written only by fedge's import pipeline): ONNX `Div` on
+//! floats computed as a true IEEE division. tract 0.23.9 rewrites every float `Div` into a
+//! multiplication by the divisor's reciprocal, which differs from `a / b` by one ulp in about
+//! half of the elements. Where a quantize step follows (a hard-swish `x·relu6(x+3)/6` before
+//! `QuantizeLinear` or `DynamicQuantizeLinear`), the ulp moves values across rounding ties and
+//! the integers differ from onnxruntime's, which divides; deep int8 models amplify that.
+
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::BinMiniOp;
+use tract_onnx::tract_hir::infer::*;
+use tract_onnx::tract_hir::ops::binary::BinIntoHir;
+use tract_onnx::tract_hir::to_typed;
+
+/// The op type fedge's import writes for an exact float division.
+pub(crate) const EXACT_DIV: &str = "FedgeExactDiv";
+
+/// The op type for onnxruntime's `QLinearAdd` arithmetic, with attributes `ratio_a`,
+/// `ratio_b`, `fixed` (floats) and `signed` (int: 1 for int8, 0 for uint8).
+pub(crate) const QLINEAR_ADD: &str = "FedgeQLinearAdd";
+
+/// The op type for `GlobalAveragePool` summed in onnxruntime's order (float32, NCHW).
+pub(crate) const GLOBAL_AVERAGE_POOL: &str = "FedgeGlobalAveragePool";
+
+/// tract-onnx's op register plus fedge's ops.
+pub(crate) fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    onnx.op_register
+        .insert(EXACT_DIV, |_, _| Ok((ExactDiv.into_hir(), vec![])));
+    onnx.op_register.insert(GLOBAL_AVERAGE_POOL, |_, _| {
+        Ok((Box::new(GlobalAveragePoolOrt), vec![]))
+    });
+    onnx.op_register.insert(QLINEAR_ADD, |_, node| {
+        let get = |name: &str| -> TractResult<f32> {
+            node.get_attr_opt::<f32>(name)?
+                .with_context(|| format!("{QLINEAR_ADD} without its `{name}` attribute"))
+        };
+        let signed = node
+            .get_attr_opt::<i64>("signed")?
+            .with_context(|| format!("{QLINEAR_ADD} without its `signed` attribute"))?;
+        Ok((
+            QLinearAddOrt {
+                ratio_a: get("ratio_a")?.to_bits(),
+                ratio_b: get("ratio_b")?.to_bits(),
+                fixed: get("fixed")?.to_bits(),
+                signed: signed != 0,
+            }
+            .into_hir(),
+            vec![],
+        ))
+    });
+    onnx
+}
+
+/// `a / b` on f16, f32 or f64 with numpy broadcasting, as one rounding per element.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ExactDiv;
+
+fn div_in_place<T: Datum + Copy + std::ops::Div<Output = T>>(
+    a: &mut Tensor,
+    b: &Tensor,
+) -> TractResult<()> {
+    let b_plain = b.try_as_plain_ram()?;
+    let mut a_plain = a.try_as_plain_ram_mut()?;
+    if b_plain.len() == 1 {
+        let d = *b_plain.as_slice::<T>()?.first().context("empty divisor")?;
+        a_plain
+            .as_slice_mut::<T>()?
+            .iter_mut()
+            .for_each(|x| *x = *x / d);
+    } else {
+        let bv = b_plain.to_array_view::<T>()?;
+        let mut av = a_plain.to_array_view_mut::<T>()?;
+        let bv = bv
+            .broadcast(av.shape())
+            .with_context(|| format!("cannot broadcast {:?} to {:?}", bv.shape(), av.shape()))?;
+        av.zip_mut_with(&bv, |x, y| *x = *x / *y);
+    }
+    Ok(())
+}
+
+fn div_out_of_place<T: Datum + Copy + std::ops::Div<Output = T>>(
+    c: &mut Tensor,
+    a: &Tensor,
+    b: &Tensor,
+) -> TractResult<()> {
+    let (a_plain, b_plain) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
+    let (av, bv) = (a_plain.to_array_view::<T>()?, b_plain.to_array_view::<T>()?);
+    let mut c_plain = c.try_as_plain_ram_mut()?;
+    let mut cv = c_plain.to_array_view_mut::<T>()?;
+    let shape = cv.shape().to_vec();
+    let av = av
+        .broadcast(shape.clone())
+        .context("cannot broadcast the dividend")?;
+    let bv = bv
+        .broadcast(shape)
+        .context("cannot broadcast the divisor")?;
+    tract_ndarray::Zip::from(&mut cv)
+        .and(&av)
+        .and(&bv)
+        .for_each(|c, &a, &b| *c = a / b);
+    Ok(())
+}
+
+impl BinMiniOp for ExactDiv {
+    fn name(&self) -> &'static str {
+        EXACT_DIV
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Accurate
+    }
+
+    fn result_datum_type(&self, a: DatumType, b: DatumType) -> TractResult<DatumType> {
+        let dt = self.operating_datum_type(a, b)?;
+        if dt.is_float() {
+            Ok(dt)
+        } else {
+            bail!("{EXACT_DIV} divides floats only, got {a:?} / {b:?}")
+        }
+    }
+
+    fn eval_in_a(&self, a: &mut Tensor, b: &Tensor) -> TractResult<()> {
+        match a.datum_type() {
+            DatumType::F32 => div_in_place::<f32>(a, b),
+            DatumType::F64 => div_in_place::<f64>(a, b),
+            DatumType::F16 => div_in_place::<f16>(a, b),
+            dt => bail!("{EXACT_DIV} divides floats only, got {dt:?}"),
+        }
+    }
+
+    fn eval_out_of_place(&self, c: &mut Tensor, a: &Tensor, b: &Tensor) -> TractResult<()> {
+        match c.datum_type() {
+            DatumType::F32 => div_out_of_place::<f32>(c, a, b),
+            DatumType::F64 => div_out_of_place::<f64>(c, a, b),
+            DatumType::F16 => div_out_of_place::<f16>(c, a, b),
+            dt => bail!("{EXACT_DIV} divides floats only, got {dt:?}"),
+        }
+    }
+
+    fn is_commutative(&self) -> bool {
+        false
+    }
+
+    fn cost_per_element(&self, dt: DatumType) -> TVec<(Cost, usize)> {
+        tvec!((Cost::Div(dt), 1))
+    }
+}
+
+/// onnxruntime's `QLinearAdd` (MLAS, x86-64): with `ra = sa/sc`, `rb = sb/sc` and
+/// `fixed = zc - (ra·za + rb·zb)` in f32, `c = saturate(round_half_even(fma(a, ra, fma(b, rb,
+/// fixed))))`. The fused multiply-adds are computed in f64, where `a·ra` and `b·rb` are exact
+/// (8-bit integers times f32), then rounded once to f32, as the hardware instruction does.
+/// Parameters are kept as f32 bit patterns so the op can be `Eq` and `Hash`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct QLinearAddOrt {
+    pub ratio_a: u32,
+    pub ratio_b: u32,
+    pub fixed: u32,
+    pub signed: bool,
+}
+
+impl QLinearAddOrt {
+    fn params(&self) -> (f64, f64, f64) {
+        (
+            f32::from_bits(self.ratio_a) as f64,
+            f32::from_bits(self.ratio_b) as f64,
+            f32::from_bits(self.fixed) as f64,
+        )
+    }
+
+    /// One output element from its two inputs (as integers).
+    fn one(&self, a: i32, b: i32, (ra, rb, fixed): (f64, f64, f64), (lo, hi): (f32, f32)) -> f32 {
+        let inner = (b as f64 * rb + fixed) as f32;
+        let v = (a as f64 * ra + inner as f64) as f32;
+        v.round_ties_even().clamp(lo, hi)
+    }
+
+    fn eval_typed<T: Datum + Copy + Into<i32>>(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        range: (f32, f32),
+        cast: fn(f32) -> T,
+    ) -> TractResult<()> {
+        let p = self.params();
+        let (a_plain, b_plain) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
+        let (av, bv) = (a_plain.to_array_view::<T>()?, b_plain.to_array_view::<T>()?);
+        let mut c_plain = c.try_as_plain_ram_mut()?;
+        let mut cv = c_plain.to_array_view_mut::<T>()?;
+        let shape = cv.shape().to_vec();
+        let av = av.broadcast(shape.clone()).context("cannot broadcast a")?;
+        let bv = bv.broadcast(shape).context("cannot broadcast b")?;
+        tract_ndarray::Zip::from(&mut cv)
+            .and(&av)
+            .and(&bv)
+            .for_each(|c, &a, &b| *c = cast(self.one(a.into(), b.into(), p, range)));
+        Ok(())
+    }
+}
+
+impl BinMiniOp for QLinearAddOrt {
+    fn name(&self) -> &'static str {
+        QLINEAR_ADD
+    }
+
+    fn result_datum_type(&self, a: DatumType, b: DatumType) -> TractResult<DatumType> {
+        let want = if self.signed {
+            DatumType::I8
+        } else {
+            DatumType::U8
+        };
+        if a.unquantized() == want && b.unquantized() == want {
+            Ok(want)
+        } else {
+            bail!("{QLINEAR_ADD} adds two {want:?} tensors, got {a:?} and {b:?}")
+        }
+    }
+
+    fn eval_in_a(&self, a: &mut Tensor, b: &Tensor) -> TractResult<()> {
+        let src = a.clone();
+        self.eval_out_of_place(a, &src, b)
+    }
+
+    fn eval_out_of_place(&self, c: &mut Tensor, a: &Tensor, b: &Tensor) -> TractResult<()> {
+        // `one` returns integers already within the type's range, so the casts are exact.
+        if self.signed {
+            self.eval_typed::<i8>(c, a, b, (-128.0, 127.0), |v| v as i8)
+        } else {
+            self.eval_typed::<u8>(c, a, b, (0.0, 255.0), |v| v as u8)
+        }
+    }
+
+    fn is_commutative(&self) -> bool {
+        false
+    }
+
+    fn cost_per_element(&self, dt: DatumType) -> TVec<(Cost, usize)> {
+        tvec!((Cost::FMA(dt), 2))
+    }
+}
+
+/// `GlobalAveragePool` on float32 NCHW(…) tensors summed as onnxruntime's MLAS kernel sums:
+/// four interleaved partial sums over the spatial elements in blocks of four, combined as
+/// `(s0 + s2) + (s1 + s3)`, then the remaining elements one at a time, then a division by the
+/// element count. tract sums in another order and multiplies by the reciprocal count; the last
+/// bits differ, and after a dynamic quantization of the few pooled values (squeeze-excitation
+/// blocks) that is a whole quantization step.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
+pub(crate) struct GlobalAveragePoolOrt;
+
+impl GlobalAveragePoolOrt {
+    fn pool(x: &[f32]) -> f32 {
+        let mut lanes = [0f32; 4];
+        let mut blocks = x.chunks_exact(4);
+        for b in &mut blocks {
+            for (l, v) in lanes.iter_mut().zip(b) {
+                *l += v;
+            }
+        }
+        let mut sum = (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
+        for v in blocks.remainder() {
+            sum += v;
+        }
+        sum / x.len() as f32
+    }
+}
+
+impl Op for GlobalAveragePoolOrt {
+    fn name(&self) -> StaticName {
+        GLOBAL_AVERAGE_POOL.into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GlobalAveragePoolOrt {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs.first().context("GlobalAveragePool without input")?;
+        ensure!(
+            x.rank() >= 3,
+            "GlobalAveragePool needs N, C and spatial axes"
+        );
+        let shape = x.shape().to_vec();
+        let spatial: usize = shape[2..].iter().product();
+        ensure!(
+            spatial > 0,
+            "GlobalAveragePool over an empty spatial extent"
+        );
+        let plain = x.try_as_plain_ram()?;
+        let data = plain.as_slice::<f32>()?;
+        let pooled: Vec<f32> = data.chunks_exact(spatial).map(Self::pool).collect();
+        let mut out_shape = shape[..2].to_vec();
+        out_shape.extend(std::iter::repeat_n(1, shape.len() - 2));
+        Ok(tvec!(
+            Tensor::from_shape(&out_shape, &pooled)?.into_tvalue()
+        ))
+    }
+}
+
+impl InferenceRulesOp for GlobalAveragePoolOrt {
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].rank, &outputs[0].rank)?;
+        s.equals(&inputs[0].shape[0], &outputs[0].shape[0])?;
+        s.equals(&inputs[0].shape[1], &outputs[0].shape[1])?;
+        s.given(&inputs[0].rank, move |s, rank| {
+            for axis in 2..rank as usize {
+                s.equals(&outputs[0].shape[axis], TDim::from(1))?;
+            }
+            Ok(())
+        })
+    }
+
+    as_op!();
+    to_typed!();
+}
+
+impl TypedOp for GlobalAveragePoolOrt {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs.first().context("GlobalAveragePool without input")?;
+        ensure!(
+            x.datum_type == f32::datum_type(),
+            "{GLOBAL_AVERAGE_POOL} pools float32 only"
+        );
+        ensure!(
+            x.rank() >= 3,
+            "GlobalAveragePool needs N, C and spatial axes"
+        );
+        let mut shape: TVec<TDim> = x.shape.iter().take(2).cloned().collect();
+        shape.extend(std::iter::repeat_n(TDim::from(1), x.rank() - 2));
+        Ok(tvec!(f32::fact(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (*seed >> 33) as u32
+    }
+
+    #[test]
+    fn exact_div_divides_where_a_reciprocal_multiply_does_not() {
+        let mut seed = 1;
+        let a: Vec<f32> = (0..4096)
+            .map(|_| lcg(&mut seed) as f32 / 1e6 - 2000.0)
+            .collect();
+        let x = Tensor::from_shape(&[4096], &a).expect("a");
+        let six = Tensor::from_shape::<f32>(&[], &[6.0]).expect("b");
+        // Broadcast scalar, in place.
+        let mut got = x.clone();
+        ExactDiv.eval_in_a(&mut got, &six).expect("in place");
+        let got = got
+            .try_as_plain_ram()
+            .expect("ram")
+            .as_slice::<f32>()
+            .expect("f32")
+            .to_vec();
+        let want: Vec<f32> = a.iter().map(|v| v / 6.0).collect();
+        assert_eq!(got, want);
+        let recip = 1.0f32 / 6.0;
+        assert!(
+            a.iter().zip(&want).any(|(v, w)| v * recip != *w),
+            "no case tells them apart"
+        );
+        // Out of place, broadcasting a column against a row.
+        let col = Tensor::from_shape(&[3, 1], &[1.0f32, 3.0, 7.0]).expect("col");
+        let row = Tensor::from_shape(&[1, 2], &[10.0f32, 0.1]).expect("row");
+        let mut c = Tensor::zero::<f32>(&[3, 2]).expect("c");
+        ExactDiv
+            .eval_out_of_place(&mut c, &col, &row)
+            .expect("out of place");
+        let c = c
+            .try_as_plain_ram()
+            .expect("ram")
+            .as_slice::<f32>()
+            .expect("f32")
+            .to_vec();
+        assert_eq!(c, vec![0.1, 10.0, 0.3, 30.0, 0.7, 70.0]);
+        // Integers are refused, not truncated.
+        assert!(
+            ExactDiv
+                .result_datum_type(DatumType::I32, DatumType::I32)
+                .is_err()
+        );
+    }
+
+    /// onnxruntime's formula with the hardware-style fused multiply-add (`f32::mul_add`, one
+    /// rounding), independent of the f64 evaluation the op uses.
+    fn reference(a: i32, b: i32, ra: f32, rb: f32, fixed: f32, lo: f32, hi: f32) -> f32 {
+        (a as f32)
+            .mul_add(ra, (b as f32).mul_add(rb, fixed))
+            .round_ties_even()
+            .clamp(lo, hi)
+    }
+
+    #[test]
+    fn qlinear_add_matches_fused_multiply_adds_on_every_input_pair() {
+        // Scales and zero points from ppocr_rec_v4_qop, and an asymmetric uint8 set.
+        let cases = [
+            (
+                0.21323152f32,
+                26f32,
+                0.02362205f32,
+                0f32,
+                0.02352941f32,
+                -128f32,
+                true,
+            ),
+            (0.013f32, 120f32, 0.051f32, 3f32, 0.047f32, 131f32, false),
+        ];
+        for (sa, za, sb, zb, sc, zc, signed) in cases {
+            let (ra, rb) = (sa / sc, sb / sc);
+            let fixed = zc - (ra * za + rb * zb);
+            let op = QLinearAddOrt {
+                ratio_a: ra.to_bits(),
+                ratio_b: rb.to_bits(),
+                fixed: fixed.to_bits(),
+                signed,
+            };
+            let (lo, hi) = if signed {
+                (-128.0, 127.0)
+            } else {
+                (0.0, 255.0)
+            };
+            let values: Vec<i32> = if signed {
+                (-128..128).collect()
+            } else {
+                (0..256).collect()
+            };
+            let n = values.len();
+            // Every (a, b) pair: a varies along axis 0, b along axis 1 (broadcast).
+            let (a, b, mut c, want): (Tensor, Tensor, Tensor, Vec<f32>);
+            let want_of = |x: i32, y: i32| reference(x, y, ra, rb, fixed, lo, hi);
+            want = values
+                .iter()
+                .flat_map(|&x| values.iter().map(move |&y| (x, y)))
+                .map(|(x, y)| want_of(x, y))
+                .collect();
+            if signed {
+                let v: Vec<i8> = values.iter().map(|&x| x as i8).collect();
+                a = Tensor::from_shape(&[n, 1], &v).expect("a");
+                b = Tensor::from_shape(&[1, n], &v).expect("b");
+                c = Tensor::zero::<i8>(&[n, n]).expect("c");
+            } else {
+                let v: Vec<u8> = values.iter().map(|&x| x as u8).collect();
+                a = Tensor::from_shape(&[n, 1], &v).expect("a");
+                b = Tensor::from_shape(&[1, n], &v).expect("b");
+                c = Tensor::zero::<u8>(&[n, n]).expect("c");
+            }
+            op.eval_out_of_place(&mut c, &a, &b).expect("eval");
+            let got: Vec<f32> = c
+                .cast_to::<f32>()
+                .expect("cast")
+                .try_as_plain_ram()
+                .expect("ram")
+                .as_slice::<f32>()
+                .expect("f32")
+                .to_vec();
+            assert_eq!(got, want, "signed={signed}");
+        }
+    }
+
+    #[test]
+    fn global_average_pool_sums_in_four_lanes_then_the_tail() {
+        // 2 channels of 3x3: 9 elements, two blocks of four and a tail of one.
+        let x: Vec<f32> = (0..18).map(|i| 0.1 * i as f32 + 1e-3).collect();
+        let out = GlobalAveragePoolOrt
+            .eval(
+                &EvalContext::out_of_plan(),
+                tvec!(
+                    Tensor::from_shape(&[1, 2, 3, 3], &x)
+                        .expect("x")
+                        .into_tvalue()
+                ),
+            )
+            .expect("eval");
+        assert_eq!(out[0].shape(), &[1, 2, 1, 1]);
+        let got = out[0]
+            .try_as_plain_ram()
+            .expect("ram")
+            .as_slice::<f32>()
+            .expect("f32")
+            .to_vec();
+        for (ch, g) in got.iter().enumerate() {
+            let v = &x[ch * 9..ch * 9 + 9];
+            let lanes = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+            let want = ((lanes[0] + lanes[2]) + (lanes[1] + lanes[3]) + v[8]) / 9.0;
+            assert_eq!(*g, want, "channel {ch}");
+        }
+        // A non-float input is refused when typed.
+        let fact = i32::fact([1usize, 2, 3, 3]);
+        assert!(GlobalAveragePoolOrt.output_facts(&[&fact]).is_err());
+    }
+}
