@@ -23,11 +23,42 @@ pub(crate) const QLINEAR_ADD: &str = "FedgeQLinearAdd";
 /// The op type for `GlobalAveragePool` summed in onnxruntime's order (float32, NCHW).
 pub(crate) const GLOBAL_AVERAGE_POOL: &str = "FedgeGlobalAveragePool";
 
+/// The op type for `QuantizeLinear` with constant scalar parameters, attributes `scale`
+/// (float), `zero_point` and `signed` (ints).
+pub(crate) const QUANTIZE_LINEAR: &str = "FedgeQuantizeLinear";
+
+/// Round half to even for |v| ≤ 2^22 (and NaN), without `roundevenf`, which baseline x86-64
+/// has no instruction for: adding and subtracting 1.5·2^23 leaves the integer the default
+/// rounding mode picks.
+#[inline(always)]
+fn round_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
 /// tract-onnx's op register plus fedge's ops.
 pub(crate) fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     onnx.op_register
         .insert(EXACT_DIV, |_, _| Ok((ExactDiv.into_hir(), vec![])));
+    onnx.op_register.insert(QUANTIZE_LINEAR, |_, node| {
+        let scale = node
+            .get_attr_opt::<f32>("scale")?
+            .with_context(|| format!("{QUANTIZE_LINEAR} without its `scale` attribute"))?;
+        let zero_point = node.get_attr_opt::<i64>("zero_point")?.unwrap_or(0);
+        let signed = node.get_attr_opt::<i64>("signed")?.unwrap_or(0) != 0;
+        let op = QuantizeOrt {
+            scale: scale.to_bits(),
+            zero_point: zero_point as i32,
+            signed,
+        };
+        Ok((
+            tract_onnx::tract_hir::ops::expandable::expand(
+                tract_onnx::tract_hir::ops::element_wise::ElementWiseOp(Box::new(op)),
+            ),
+            vec![],
+        ))
+    });
     onnx.op_register.insert(GLOBAL_AVERAGE_POOL, |_, _| {
         Ok((Box::new(GlobalAveragePoolOrt), vec![]))
     });
@@ -171,10 +202,12 @@ impl QLinearAddOrt {
     }
 
     /// One output element from its two inputs (as integers).
+    #[inline]
     fn one(&self, a: i32, b: i32, (ra, rb, fixed): (f64, f64, f64), (lo, hi): (f32, f32)) -> f32 {
         let inner = (b as f64 * rb + fixed) as f32;
         let v = (a as f64 * ra + inner as f64) as f32;
-        v.round_ties_even().clamp(lo, hi)
+        // Clamping to integer bounds first changes no result and keeps |v| small.
+        round_even(v.clamp(lo, hi))
     }
 
     fn eval_typed<T: Datum + Copy + Into<i32>>(
@@ -186,6 +219,24 @@ impl QLinearAddOrt {
         cast: fn(f32) -> T,
     ) -> TractResult<()> {
         let p = self.params();
+        // Fast paths: equal shapes, or a scalar `b`, on contiguous slices.
+        if c.shape() == a.shape() && (a.shape() == b.shape() || b.len() == 1) {
+            let (a_plain, b_plain) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
+            let (xs, ys) = (a_plain.as_slice::<T>()?, b_plain.as_slice::<T>()?);
+            let mut c_plain = c.try_as_plain_ram_mut()?;
+            let out = c_plain.as_slice_mut::<T>()?;
+            if ys.len() == xs.len() {
+                for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
+                    *o = cast(self.one(x.into(), y.into(), p, range));
+                }
+            } else {
+                let y: i32 = ys.first().copied().context("empty b")?.into();
+                for (o, &x) in out.iter_mut().zip(xs) {
+                    *o = cast(self.one(x.into(), y, p, range));
+                }
+            }
+            return Ok(());
+        }
         let (a_plain, b_plain) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let (av, bv) = (a_plain.to_array_view::<T>()?, b_plain.to_array_view::<T>()?);
         let mut c_plain = c.try_as_plain_ram_mut()?;
@@ -222,6 +273,13 @@ impl BinMiniOp for QLinearAddOrt {
     fn eval_in_a(&self, a: &mut Tensor, b: &Tensor) -> TractResult<()> {
         let src = a.clone();
         self.eval_out_of_place(a, &src, b)
+    }
+
+    fn eval(&self, a: TValue, b: TValue, c_dt: DatumType) -> TractResult<Tensor> {
+        let shape = tract_onnx::tract_core::broadcast::multi_broadcast(&[a.shape(), b.shape()])?;
+        let mut c = Tensor::zero_dt(c_dt, &shape)?;
+        self.eval_out_of_place(&mut c, &a, &b)?;
+        Ok(c)
     }
 
     fn eval_out_of_place(&self, c: &mut Tensor, a: &Tensor, b: &Tensor) -> TractResult<()> {
@@ -359,6 +417,27 @@ mod tests {
     }
 
     #[test]
+    fn round_even_is_round_half_to_even() {
+        for v in [
+            -2.5f32,
+            -1.5,
+            -0.5,
+            0.5,
+            1.5,
+            2.5,
+            3.4999998,
+            -127.5,
+            254.5,
+            1e6 + 0.5,
+            0.0,
+            -0.0,
+        ] {
+            assert_eq!(round_even(v), v.round_ties_even(), "{v}");
+        }
+        assert!(round_even(f32::NAN).is_nan());
+    }
+
+    #[test]
     fn exact_div_divides_where_a_reciprocal_multiply_does_not() {
         let mut seed = 1;
         let a: Vec<f32> = (0..4096)
@@ -481,6 +560,46 @@ mod tests {
     }
 
     #[test]
+    fn quantize_divides_rounds_half_to_even_saturates_and_sends_nan_to_the_bottom() {
+        let op = QuantizeOrt {
+            scale: 0.5f32.to_bits(),
+            zero_point: -3,
+            signed: true,
+        };
+        let x = Tensor::from_shape(&[6], &[1.25f32, 0.75, 1000.0, -1000.0, f32::NAN, -0.25])
+            .expect("x");
+        let q = op.eval_out_of_place(&x, None).expect("eval");
+        let q = q
+            .try_as_plain_ram()
+            .expect("ram")
+            .as_slice::<i8>()
+            .expect("i8")
+            .to_vec();
+        // 2.5 → 2, 1.5 → 2 (half to even), saturation both ways, NaN → -128, -0.5 → -0.
+        assert_eq!(q, vec![-1, -1, 127, -128, -128, -3]);
+        let s = 0.023_529_41f32;
+        let op = QuantizeOrt {
+            scale: s.to_bits(),
+            zero_point: 0,
+            signed: false,
+        };
+        // x / s is 64.5 exactly and rounds to 64; x · (1/s) is 64.50001 and would give 65.
+        let x = 1.517_647f32;
+        assert_eq!(x / s, 64.5);
+        assert_ne!(x * (1.0 / s), 64.5);
+        let q = op
+            .eval_out_of_place(&Tensor::from_shape(&[1], &[x]).expect("x"), None)
+            .expect("eval");
+        assert_eq!(
+            q.try_as_plain_ram()
+                .expect("ram")
+                .as_slice::<u8>()
+                .expect("u8"),
+            &[64]
+        );
+    }
+
+    #[test]
     fn global_average_pool_sums_in_four_lanes_then_the_tail() {
         // 2 channels of 3x3: 9 elements, two blocks of four and a tail of one.
         let x: Vec<f32> = (0..18).map(|i| 0.1 * i as f32 + 1e-3).collect();
@@ -510,5 +629,59 @@ mod tests {
         // A non-float input is refused when typed.
         let fact = i32::fact([1usize, 2, 3, 3]);
         assert!(GlobalAveragePoolOrt.output_facts(&[&fact]).is_err());
+    }
+}
+
+/// `QuantizeLinear` with a constant scalar scale and zero point, as onnxruntime computes it:
+/// `saturate(round_half_even(x / scale) + zero_point)`, one pass (tract multiplies by the
+/// reciprocal scale).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct QuantizeOrt {
+    pub scale: u32,
+    pub zero_point: i32,
+    pub signed: bool,
+}
+
+impl QuantizeOrt {
+    fn quantize<T: Datum + Copy>(
+        &self,
+        x: &[f32],
+        cast: fn(f32) -> T,
+        (lo, hi): (f32, f32),
+    ) -> Vec<T> {
+        let (s, zp) = (f32::from_bits(self.scale), self.zero_point as f32);
+        // Clamping to the integer bounds before rounding changes no result. `max` first maps
+        // NaN to the lowest value, as onnxruntime's `maxps` does.
+        let (lo, hi) = (lo - zp, hi - zp);
+        x.iter()
+            .map(|&v| cast(round_even((v / s).max(lo).min(hi)) + zp))
+            .collect()
+    }
+}
+
+impl ElementWiseMiniOp for QuantizeOrt {
+    fn name(&self) -> String {
+        QUANTIZE_LINEAR.into()
+    }
+
+    fn output_type(&self, _input_type: DatumType) -> Option<DatumType> {
+        Some(if self.signed {
+            DatumType::I8
+        } else {
+            DatumType::U8
+        })
+    }
+
+    fn eval_out_of_place(&self, t: &Tensor, _out_dt: Option<DatumType>) -> TractResult<Tensor> {
+        let t = t.cast_to::<f32>()?;
+        let plain = t.try_as_plain_ram()?;
+        let x = plain.as_slice::<f32>()?;
+        if self.signed {
+            let q = self.quantize(x, |v| v as i8, (-128.0, 127.0));
+            Tensor::from_shape(t.shape(), &q)
+        } else {
+            let q = self.quantize(x, |v| v as u8, (0.0, 255.0));
+            Tensor::from_shape(t.shape(), &q)
+        }
     }
 }

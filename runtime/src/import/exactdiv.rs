@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{GraphProto, TensorProto};
 
 use super::graph::{INT8, UINT8, const_f32, constants, f32_tensor, float_attr, int_attr, node};
-use crate::tract_ops::{EXACT_DIV, GLOBAL_AVERAGE_POOL, QLINEAR_ADD};
+use crate::tract_ops::{EXACT_DIV, GLOBAL_AVERAGE_POOL, QLINEAR_ADD, QUANTIZE_LINEAR};
 
 /// ONNX element types of the floats: float, float16, double, bfloat16.
 const FLOATS: [i32; 4] = [1, 10, 11, 16];
@@ -104,40 +104,87 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
     }
 }
 
-/// `QuantizeLinear` with a constant scalar scale other than 1 quantizes an exact quotient.
+/// `QuantizeLinear` with a constant scalar scale quantizes an exact quotient: as one
+/// `FedgeQuantizeLinear` pass when its zero point is a constant 8-bit scalar too, else as
+/// `QuantizeLinear(FedgeExactDiv(x, s), 1, zp)`.
 pub(super) fn quantize(g: &mut GraphProto, report: &mut Vec<String>) {
     let consts = constants(g);
     let one = "__fedge_exact_q_one";
     let mut out = Vec::with_capacity(g.node.len());
-    let mut done = 0usize;
+    let (mut fused, mut divided) = (0usize, 0usize);
     for mut n in std::mem::take(&mut g.node) {
-        let scalar = (n.op_type == "QuantizeLinear" && n.domain.is_empty() && n.input.len() >= 2)
+        let plain = n.op_type == "QuantizeLinear"
+            && n.domain.is_empty()
+            && n.input.len() >= 2
+            && !n
+                .attribute
+                .iter()
+                .any(|a| a.name == "output_dtype" || a.name == "block_size");
+        let scale = plain
             .then(|| const_f32(&consts, &n.input[1]))
             .flatten()
-            .filter(|s| s.len() == 1 && s[0] != 1.0 && s[0].is_normal());
-        if scalar.is_some() {
+            .filter(|s| s.len() == 1 && s[0].is_normal())
+            .map(|s| s[0]);
+        let Some(scale) = scale else {
+            out.push(n);
+            continue;
+        };
+        let zp_name = n.input.get(2).cloned().unwrap_or_default();
+        let zp = if zp_name.is_empty() {
+            Some((0.0, false))
+        } else {
+            consts.get(&zp_name).and_then(|t| {
+                let v = const_f32(&consts, &zp_name)?;
+                match (v.as_slice(), t.data_type) {
+                    ([v], INT8) => Some((*v, true)),
+                    ([v], UINT8) => Some((*v, false)),
+                    _ => None,
+                }
+            })
+        };
+        if let Some((zp, signed)) = zp {
+            let name = n.name.clone();
+            let mut q = node(
+                QUANTIZE_LINEAR,
+                name,
+                &[&n.input[0]],
+                &[&n.output[0]],
+                vec![
+                    float_attr("scale", scale),
+                    int_attr("zero_point", zp as i64),
+                    int_attr("signed", signed as i64),
+                ],
+            );
+            q.domain = "ai.fedge".into();
+            out.push(q);
+            fused += 1;
+            continue;
+        }
+        if scale != 1.0 {
             let q = format!("{}__fedge_exact_q", n.output.first().map_or("", |s| s));
-            out.push(node(
+            let mut d = node(
                 EXACT_DIV,
                 q.clone(),
                 &[&n.input[0], &n.input[1]],
                 &[&q],
                 vec![],
-            ));
-            if let Some(last) = out.last_mut() {
-                last.domain = "ai.fedge".into();
-            }
+            );
+            d.domain = "ai.fedge".into();
+            out.push(d);
             n.input[0] = q;
             n.input[1] = one.into();
-            done += 1;
+            divided += 1;
         }
         out.push(n);
     }
     g.node = out;
-    if done > 0 {
+    if divided > 0 {
         g.initializer.push(f32_tensor(one, &[], &[1.0]));
+    }
+    if fused + divided > 0 {
         report.push(format!(
-            "quantized {done} QuantizeLinear through true divisions by their scales"
+            "quantized {} QuantizeLinear through true divisions by their scales",
+            fused + divided
         ));
     }
 }
