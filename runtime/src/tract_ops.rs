@@ -651,7 +651,8 @@ impl QuantizeOrt {
     ) -> Vec<T> {
         let (s, zp) = (f32::from_bits(self.scale), self.zero_point as f32);
         // Clamping to the integer bounds before rounding changes no result. `max` first maps
-        // NaN to the lowest value, as onnxruntime's `maxps` does.
+        // NaN to the lowest value, as onnxruntime's `maxps` does. The `cast`s see integers in
+        // range (through i32, which vectorises).
         let (lo, hi) = (lo - zp, hi - zp);
         x.iter()
             .map(|&v| cast(round_even((v / s).max(lo).min(hi)) + zp))
@@ -677,10 +678,10 @@ impl ElementWiseMiniOp for QuantizeOrt {
         let plain = t.try_as_plain_ram()?;
         let x = plain.as_slice::<f32>()?;
         if self.signed {
-            let q = self.quantize(x, |v| v as i8, (-128.0, 127.0));
+            let q = self.quantize(x, |v| v as i32 as i8, (-128.0, 127.0));
             Tensor::from_shape(t.shape(), &q)
         } else {
-            let q = self.quantize(x, |v| v as u8, (0.0, 255.0));
+            let q = self.quantize(x, |v| v as i32 as u8, (0.0, 255.0));
             Tensor::from_shape(t.shape(), &q)
         }
     }
