@@ -133,6 +133,16 @@ pub(crate) fn node(
     }
 }
 
+/// An int64 initializer.
+pub(crate) fn i64_tensor(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
+    raw_tensor(
+        name,
+        INT64,
+        dims,
+        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+}
+
 /// A constant initializer from little-endian bytes.
 pub(crate) fn raw_tensor(name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>) -> TensorProto {
     TensorProto {

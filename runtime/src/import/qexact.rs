@@ -21,7 +21,9 @@ use std::collections::HashMap;
 
 use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
 
-use super::graph::{FLOAT, INT8, INT32, UINT8, constants, f32_tensor, int_attr, load, node};
+use super::graph::{
+    FLOAT, INT8, INT32, UINT8, constants, f32_tensor, i32_tensor, i64_tensor, int_attr, load, node,
+};
 
 /// Largest integer below which every f32 partial sum of integers is exact.
 const EXACT: f64 = 16_777_216.0;
@@ -94,7 +96,10 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
             report.push(format!(
                 "ran {done} {op} on float kernels with exact integer accumulation{}",
                 if kept > 0 {
-                    format!(" ({kept} kept on integer kernels: sums could pass 2^24)")
+                    format!(
+                        " ({kept} kept on integer kernels: run-time or unsupported parameters, \
+                         or sums that could pass 2^24)"
+                    )
                 } else {
                     String::new()
                 }
@@ -189,6 +194,9 @@ fn exact(
     // The kernel minus its zero point, in the float op's layout, and the bound per channel.
     let mut wf = vec![0f32; w.len()];
     let mut m = Vec::with_capacity(channels);
+    // `fits`: sums and bias within 2^24; `fits_sums`: the sums alone (the bias then joins in
+    // i32, where onnxruntime adds it too; quantizers clip biases near ±2^31).
+    let (mut fits, mut fits_sums) = (true, true);
     for c in 0..channels {
         let zp = per64(&w_zp, c)?;
         let mut sum = 0f64;
@@ -199,15 +207,33 @@ fn exact(
             sum += v.abs();
         }
         let b = bias.as_ref().map_or(Some(0.0), |b| per64(b, c))?;
-        if sum * x_max + b.abs() >= EXACT {
-            return None;
-        }
+        fits &= sum * x_max + b.abs() < EXACT;
+        fits_sums &= sum * x_max < EXACT;
         // onnxruntime's multiplier, in its f32 order of operations.
         m.push(x_scale * per(&w_scale, c)? / y_scale);
     }
+    // Sums that could pass 2^24: split the reduction (input channels of a plain convolution,
+    // rows of a matrix product) into slices whose sums cannot, and add their exact partial
+    // sums in i32.
+    let chunks = if fits || fits_sums {
+        None
+    } else {
+        let group = if conv {
+            n.attribute
+                .iter()
+                .find(|a| a.name == "group")
+                .map_or(1, |a| a.i)
+        } else {
+            1
+        };
+        if group != 1 {
+            return None;
+        }
+        Some(split(&wf, &w_shape, conv, x_max)?)
+    };
+    let bias_in_float = fits && chunks.is_none();
     let tmp = |what: &str| format!("{}__fedge_qx_{what}", n.output[0]);
     let dims: Vec<i64> = w_shape.iter().map(|&d| d as i64).collect();
-    inits.push(f32_tensor(&tmp("w"), &dims, &wf));
     inits.push(f32_tensor(&tmp("one"), &[], &[1.0]));
     let m_dims: Vec<i64> = if conv {
         std::iter::once(channels as i64)
@@ -227,33 +253,112 @@ fn exact(
         &[&xf],
         vec![],
     )];
-    let w_name = tmp("w");
-    let mut op_in: Vec<&str> = vec![&xf, &w_name];
     let b_name = tmp("b");
     if let Some(b) = &bias {
         let b: Vec<f32> = (0..channels)
             .map(|c| per64(b, c).map(|v| v as f32))
             .collect::<Option<_>>()?;
         inits.push(f32_tensor(&b_name, &[channels as i64], &b));
-        op_in.push(&b_name);
     }
     let (op, attrs) = if conv {
         ("Conv", n.attribute.clone())
     } else {
         ("MatMul", vec![])
     };
-    nodes.push(node(op, tmp(op), &op_in, &[&acc], attrs));
-    // Through i32 and back: the accumulator is an integer, so this changes no value, and it
+    // Through i32 (and back): the accumulator is an integer, so this changes no value, and it
     // keeps tract from folding the per-channel multiplier into the kernel's weights (which
     // would scale every product before the sum and lose the exact accumulator).
-    let (acc_i, acc_f) = (tmp("acc_i32"), tmp("acc_f32"));
-    nodes.push(node(
-        "Cast",
-        acc_i.clone(),
-        &[&acc],
-        &[&acc_i],
-        vec![int_attr("to", INT32 as i64)],
-    ));
+    let acc_i = tmp("acc_i32");
+    let cast_i32 = |from: &str, to: &str| {
+        node(
+            "Cast",
+            format!("{to}_cast"),
+            &[from],
+            &[to],
+            vec![int_attr("to", INT32 as i64)],
+        )
+    };
+    match &chunks {
+        None => {
+            inits.push(f32_tensor(&tmp("w"), &dims, &wf));
+            let w_name = tmp("w");
+            let mut op_in: Vec<&str> = vec![&xf, &w_name];
+            if bias.is_some() && bias_in_float {
+                op_in.push(&b_name);
+            }
+            nodes.push(node(op, tmp(op), &op_in, &[&acc], attrs));
+            nodes.push(cast_i32(&acc, &tmp("sums_i32")));
+        }
+        Some(chunks) => {
+            let axis: i64 = if conv { 1 } else { -1 };
+            let mut partial = Vec::new();
+            for (i, &(start, end)) in chunks.iter().enumerate() {
+                let (xs, ws, a, ai) = (
+                    tmp(&format!("x{i}")),
+                    tmp(&format!("w{i}")),
+                    tmp(&format!("acc{i}")),
+                    tmp(&format!("acc{i}_i32")),
+                );
+                let bounds = [tmp(&format!("s{i}")), tmp(&format!("e{i}")), tmp("axis")];
+                inits.push(i64_tensor(&bounds[0], &[1], &[start as i64]));
+                inits.push(i64_tensor(&bounds[1], &[1], &[end as i64]));
+                nodes.push(node(
+                    "Slice",
+                    xs.clone(),
+                    &[&xf, &bounds[0], &bounds[1], &bounds[2]],
+                    &[&xs],
+                    vec![],
+                ));
+                let (piece, piece_dims) = slice_kernel(&wf, &w_shape, conv, start, end);
+                inits.push(f32_tensor(&ws, &piece_dims, &piece));
+                let op_in: Vec<&str> = vec![&xs, &ws];
+                nodes.push(node(op, a.clone(), &op_in, &[&a], attrs.clone()));
+                nodes.push(cast_i32(&a, &ai));
+                partial.push(ai);
+            }
+            inits.push(i64_tensor(&tmp("axis"), &[1], &[axis]));
+            let mut total = partial[0].clone();
+            for (i, p) in partial.iter().enumerate().skip(1) {
+                let sum = if i + 1 == partial.len() {
+                    tmp("sums_i32")
+                } else {
+                    tmp(&format!("sum{i}"))
+                };
+                nodes.push(node("Add", sum.clone(), &[&total, p], &[&sum], vec![]));
+                total = sum;
+            }
+        }
+    }
+    match &bias {
+        Some(b) if !bias_in_float => {
+            let b: Vec<i32> = (0..channels)
+                .map(|c| per64(b, c).map(|v| v as i32))
+                .collect::<Option<_>>()?;
+            let b_dims: Vec<i64> = if conv {
+                std::iter::once(channels as i64)
+                    .chain(std::iter::repeat_n(1, w_shape.len() - 2))
+                    .collect()
+            } else {
+                vec![channels as i64]
+            };
+            inits.push(i32_tensor(&tmp("b_i32"), &b_dims, &b));
+            nodes.push(node(
+                "Add",
+                tmp("bias_add"),
+                &[&tmp("sums_i32"), &tmp("b_i32")],
+                &[&acc_i],
+                vec![],
+            ));
+        }
+        _ => nodes.push(node(
+            "Identity",
+            tmp("acc_id"),
+            &[&tmp("sums_i32")],
+            &[&acc_i],
+            vec![],
+        )),
+    }
+    let acc_f = tmp("acc_f32");
     nodes.push(node(
         "Cast",
         acc_f.clone(),
@@ -276,6 +381,80 @@ fn exact(
         vec![],
     ));
     Some(nodes)
+}
+
+/// Slices of the reduction axis (a convolution's input channels, a matrix product's rows)
+/// whose sums of `|w - zp| · x_max` stay below 2^24 for every output channel; `None` if one
+/// input channel alone could pass it.
+fn split(wf: &[f32], w_shape: &[usize], conv: bool, x_max: f64) -> Option<Vec<(usize, usize)>> {
+    let (channels, inputs, taps) = if conv {
+        (
+            w_shape[0],
+            w_shape[1],
+            w_shape[2..].iter().product::<usize>(),
+        )
+    } else {
+        (w_shape[1], w_shape[0], 1)
+    };
+    // Sum of |w - zp| of output channel c over input index i.
+    let weight = |c: usize, i: usize| -> f64 {
+        (0..taps)
+            .map(|t| {
+                let at = if conv {
+                    (c * inputs + i) * taps + t
+                } else {
+                    i * channels + c
+                };
+                wf[at].abs() as f64
+            })
+            .sum()
+    };
+    let mut chunks = Vec::new();
+    let mut acc: Vec<f64> = vec![0.0; channels];
+    let mut start = 0;
+    for i in 0..inputs {
+        let add: Vec<f64> = (0..channels).map(|c| weight(c, i)).collect();
+        if add.iter().any(|w| w * x_max >= EXACT) {
+            return None;
+        }
+        if acc.iter().zip(&add).any(|(a, w)| a + w * x_max >= EXACT) {
+            chunks.push((start, i));
+            start = i;
+            acc = vec![0.0; channels];
+        }
+        for (a, w) in acc.iter_mut().zip(&add) {
+            *a += w * x_max;
+        }
+    }
+    chunks.push((start, inputs));
+    Some(chunks)
+}
+
+/// The kernel's slice `start..end` of the reduction axis, and its shape.
+fn slice_kernel(
+    wf: &[f32],
+    w_shape: &[usize],
+    conv: bool,
+    start: usize,
+    end: usize,
+) -> (Vec<f32>, Vec<i64>) {
+    let mut dims: Vec<i64> = w_shape.iter().map(|&d| d as i64).collect();
+    if conv {
+        let (inputs, taps) = (w_shape[1], w_shape[2..].iter().product::<usize>());
+        let out = (0..w_shape[0])
+            .flat_map(|c| {
+                wf[(c * inputs + start) * taps..(c * inputs + end) * taps]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        dims[1] = (end - start) as i64;
+        (out, dims)
+    } else {
+        let channels = w_shape[1];
+        dims[0] = (end - start) as i64;
+        (wf[start * channels..end * channels].to_vec(), dims)
+    }
 }
 
 /// The kernel minus its zero points, as f32 in the kernel's own layout, and the largest sum of
@@ -412,7 +591,7 @@ mod tests {
     use prost::Message;
     use tract_onnx::pb::{self, ModelProto, OperatorSetIdProto};
 
-    use super::super::graph::{i32_tensor, raw_tensor};
+    use super::super::graph::raw_tensor;
     use super::*;
     use crate::{Model, ModelOptions, Tensor};
 
@@ -626,23 +805,39 @@ mod tests {
     }
 
     #[test]
-    fn a_kernel_whose_sums_could_pass_2_pow_24_keeps_the_integer_kernels() {
-        // 600 taps of |w - zp| = 255 against inputs up to 255 away from their zero point.
-        let k = 600usize;
+    fn a_kernel_whose_sums_could_pass_2_pow_24_is_split_into_exact_slices() {
+        // 600 taps of |w - zp| = 255 against inputs up to 255: sums up to 39 million > 2^24.
+        let (rows, k) = (3usize, 600usize);
+        let mut seed = 17;
+        let a: Vec<u8> = (0..rows * k).map(|_| lcg(&mut seed) as u8 | 0x80).collect();
+        let (as_, bs, ys, yz) = (0.01f32, 0.01f32, 4000.0f32, 3u8);
         let inits = vec![
-            f32_tensor("as", &[], &[0.01]),
+            f32_tensor("as", &[], &[as_]),
             raw_tensor("az", UINT8, &[], vec![0]),
             raw_tensor("b", UINT8, &[k as i64, 1], vec![255; k]),
-            f32_tensor("bs", &[], &[0.01]),
+            f32_tensor("bs", &[], &[bs]),
             raw_tensor("bz", UINT8, &[], vec![0]),
-            f32_tensor("ys", &[], &[1.0]),
-            raw_tensor("yz", UINT8, &[], vec![0]),
+            f32_tensor("ys", &[], &[ys]),
+            raw_tensor("yz", UINT8, &[], vec![yz]),
         ];
-        let n = qlinear_matmul();
-        let (g, report) = rewritten(n, inits, k);
-        assert_eq!(g.node.len(), 1, "{report:?}");
-        assert_eq!(g.node[0].op_type, "QLinearMatMul");
-        assert!(report.is_empty(), "{report:?}");
+        let (g, report) = rewritten(qlinear_matmul(), inits.clone(), k);
+        let slices = g.node.iter().filter(|n| n.op_type == "MatMul").count();
+        assert!(slices >= 3, "{slices} slices: {report:?}");
+        let bytes = model(qlinear_matmul(), inits, &[rows, k], &[rows, 1]);
+        let m = Model::from_bytes(&bytes, &ModelOptions::default()).expect("load");
+        let got = m
+            .run(&[Tensor::new(&[rows, k], &a).expect("a")])
+            .expect("run")[0]
+            .to_vec::<u8>()
+            .expect("u8");
+        let want: Vec<u8> = (0..rows)
+            .map(|r| {
+                let acc: i64 = a[r * k..(r + 1) * k].iter().map(|&x| x as i64 * 255).sum();
+                assert!(acc > 1 << 24, "the case must need the split");
+                requant(acc, as_ * bs / ys, yz as f32)
+            })
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -691,7 +886,7 @@ mod tests {
         }
         // The same node with every parameter well formed is rewritten.
         let (g, report) = rewritten(qlinear_matmul(), all.iter().map(|&n| good(n)).collect(), k);
-        assert_eq!(g.node.len(), 6, "{report:?}");
+        assert_eq!(g.node.len(), 7, "{report:?}");
     }
 
     /// A graph `x (f32) → DynamicQuantizeLinear → op(xq, w, xzp, wzp) → y (int32)`: the
