@@ -160,12 +160,11 @@ fn exact(
     let w_zp = values(consts, input(5))
         .map(|v| v.0)
         .unwrap_or_else(|| vec![0.0]);
-    // Output channels: Conv's first kernel axis, MatMul's last.
-    let (channels, k) = match (conv, w_shape.as_slice()) {
-        (true, [c, rest @ ..]) if rest.len() >= 2 => (*c, rest.iter().product::<usize>()),
-        (false, [k, c]) => (*c, *k),
-        _ => return None,
-    };
+    // Output channels: Conv's first kernel axis, MatMul's last (after any batch axes).
+    let (channels, k, batches) = kernel_axes(conv, &w_shape)?;
+    if w.len() != channels * k * batches {
+        return None;
+    }
     let per = |v: &[f32], c: usize| -> Option<f32> {
         match v.len() {
             1 => Some(v[0]),
@@ -199,12 +198,21 @@ fn exact(
     let (mut fits, mut fits_sums) = (true, true);
     for c in 0..channels {
         let zp = per64(&w_zp, c)?;
+        // The largest sum over the kernel's batch slices (one for Conv and 2-D MatMul).
         let mut sum = 0f64;
-        for j in 0..k {
-            let at = if conv { c * k + j } else { j * channels + c };
-            let v = w[at] - zp;
-            wf[at] = v as f32;
-            sum += v.abs();
+        for batch in 0..batches {
+            let mut s = 0f64;
+            for j in 0..k {
+                let at = if conv {
+                    c * k + j
+                } else {
+                    (batch * k + j) * channels + c
+                };
+                let v = w[at] - zp;
+                wf[at] = v as f32;
+                s += v.abs();
+            }
+            sum = sum.max(s);
         }
         let b = bias.as_ref().map_or(Some(0.0), |b| per64(b, c))?;
         fits &= sum * x_max + b.abs() < EXACT;
@@ -226,7 +234,7 @@ fn exact(
         } else {
             1
         };
-        if group != 1 {
+        if group != 1 || batches != 1 {
             return None;
         }
         Some(split(&wf, &w_shape, conv, x_max)?)
@@ -466,12 +474,8 @@ fn centred_kernel(
     w_zp: &[f64],
     conv: bool,
 ) -> Option<(Vec<f32>, f64)> {
-    let (channels, k) = match (conv, w_shape) {
-        (true, [c, rest @ ..]) if rest.len() >= 2 => (*c, rest.iter().product::<usize>()),
-        (false, [k, c]) => (*c, *k),
-        _ => return None,
-    };
-    if w.len() != channels * k {
+    let (channels, k, batches) = kernel_axes(conv, w_shape)?;
+    if w.len() != channels * k * batches {
         return None;
     }
     let mut wf = vec![0f32; w.len()];
@@ -482,16 +486,33 @@ fn centred_kernel(
             l if l == channels => w_zp[c],
             _ => return None,
         };
-        let mut sum = 0f64;
-        for j in 0..k {
-            let at = if conv { c * k + j } else { j * channels + c };
-            let v = w[at] - zp;
-            wf[at] = v as f32;
-            sum += v.abs();
+        for batch in 0..batches {
+            let mut sum = 0f64;
+            for j in 0..k {
+                let at = if conv {
+                    c * k + j
+                } else {
+                    (batch * k + j) * channels + c
+                };
+                let v = w[at] - zp;
+                wf[at] = v as f32;
+                sum += v.abs();
+            }
+            worst = worst.max(sum);
         }
-        worst = worst.max(sum);
     }
     Some((wf, worst))
+}
+
+/// A kernel's output channels, reduction length and batch count: Conv's `[C, C_in/g, k...]`,
+/// MatMul's `[batch..., K, C]` (a batched kernel's zero points and scales are per column `C`,
+/// as ONNX broadcasts them). `None` for a rank that fits neither.
+fn kernel_axes(conv: bool, w_shape: &[usize]) -> Option<(usize, usize, usize)> {
+    match (conv, w_shape) {
+        (true, [c, rest @ ..]) if rest.len() >= 2 => Some((*c, rest.iter().product(), 1)),
+        (false, [batch @ .., k, c]) => Some((*c, *k, batch.iter().product())),
+        _ => None,
+    }
 }
 
 /// `ConvInteger` / `MatMulInteger` with a constant kernel, as
@@ -758,50 +779,73 @@ mod tests {
 
     #[test]
     fn qlinearmatmul_on_float_kernels_gives_the_exact_integer_answer() {
-        let (rows, k, cols) = (4usize, 300usize, 7usize);
-        let mut seed = 11;
-        let a: Vec<u8> = (0..rows * k).map(|_| lcg(&mut seed) as u8).collect();
-        let b: Vec<u8> = (0..k * cols).map(|_| lcg(&mut seed) as u8).collect();
-        let (as_, az, bs, bz, ys, yz) = (0.013f32, 120u8, 0.002f32, 128u8, 0.9f32, 100u8);
-        let scalar = |name: &str, v: f32| f32_tensor(name, &[], &[v]);
-        let inits = vec![
-            scalar("as", as_),
-            raw_tensor("az", UINT8, &[], vec![az]),
-            raw_tensor("b", UINT8, &[k as i64, cols as i64], b.clone()),
-            scalar("bs", bs),
-            raw_tensor("bz", UINT8, &[], vec![bz]),
-            scalar("ys", ys),
-            raw_tensor("yz", UINT8, &[], vec![yz]),
-        ];
-        let n = qlinear_matmul();
-        let bytes = model(n, inits, &[rows, k], &[rows, cols]);
-        let m = Model::from_bytes(&bytes, &ModelOptions::default()).expect("load");
-        assert!(
-            m.graph()
-                .rewrites()
-                .iter()
-                .any(|r| r.contains("1 QLinearMatMul on float kernels")),
-            "{:?}",
-            m.graph().rewrites()
-        );
-        let got = m
-            .run(&[Tensor::new(&[rows, k], &a).expect("a")])
-            .expect("run")[0]
-            .to_vec::<u8>()
-            .expect("u8");
-        let mult = as_ * bs / ys;
-        let want: Vec<u8> = (0..rows * cols)
-            .map(|i| {
-                let (r, c) = (i / cols, i % cols);
-                let acc: i64 = (0..k)
-                    .map(|j| {
-                        (a[r * k + j] as i64 - az as i64) * (b[j * cols + c] as i64 - bz as i64)
-                    })
-                    .sum();
-                requant(acc, mult, yz as f32)
-            })
-            .collect();
-        assert_eq!(got, want);
+        // A 2-D kernel, and a batched one ([3, k, cols] against a [3, rows, k] input) with
+        // per-column zero points.
+        for batch in [None, Some(3usize)] {
+            let (rows, k, cols) = (4usize, 300usize, 7usize);
+            let nb = batch.unwrap_or(1);
+            let mut seed = 11;
+            let a: Vec<u8> = (0..nb * rows * k).map(|_| lcg(&mut seed) as u8).collect();
+            let b: Vec<u8> = (0..nb * k * cols).map(|_| lcg(&mut seed) as u8).collect();
+            let (as_, az, bs, ys, yz) = (0.013f32, 120u8, 0.002f32, 0.9f32, 100u8);
+            let bz: Vec<u8> = match batch {
+                None => vec![128],
+                Some(_) => (0..cols).map(|c| 120 + c as u8).collect(),
+            };
+            let lead = |d: &[usize]| -> Vec<usize> {
+                batch.into_iter().chain(d.iter().copied()).collect()
+            };
+            let (a_dims, b_dims, y_dims) =
+                (lead(&[rows, k]), lead(&[k, cols]), lead(&[rows, cols]));
+            let scalar = |name: &str, v: f32| f32_tensor(name, &[], &[v]);
+            let bz_dims: Vec<i64> = if batch.is_some() {
+                vec![cols as i64]
+            } else {
+                vec![]
+            };
+            let inits = vec![
+                scalar("as", as_),
+                raw_tensor("az", UINT8, &[], vec![az]),
+                raw_tensor(
+                    "b",
+                    UINT8,
+                    &b_dims.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+                    b.clone(),
+                ),
+                scalar("bs", bs),
+                raw_tensor("bz", UINT8, &bz_dims, bz.clone()),
+                scalar("ys", ys),
+                raw_tensor("yz", UINT8, &[], vec![yz]),
+            ];
+            let bytes = model(qlinear_matmul(), inits, &a_dims, &y_dims);
+            let m = Model::from_bytes(&bytes, &ModelOptions::default()).expect("load");
+            assert!(
+                m.graph()
+                    .rewrites()
+                    .iter()
+                    .any(|r| r.contains("1 QLinearMatMul on float kernels")),
+                "{batch:?}: {:?}",
+                m.graph().rewrites()
+            );
+            let got = m.run(&[Tensor::new(&a_dims, &a).expect("a")]).expect("run")[0]
+                .to_vec::<u8>()
+                .expect("u8");
+            let mult = as_ * bs / ys;
+            let want: Vec<u8> = (0..nb * rows * cols)
+                .map(|i| {
+                    let (n, r, c) = (i / (rows * cols), i / cols % rows, i % cols);
+                    let zp = bz[c % bz.len()] as i64;
+                    let acc: i64 = (0..k)
+                        .map(|j| {
+                            (a[(n * rows + r) * k + j] as i64 - az as i64)
+                                * (b[(n * k + j) * cols + c] as i64 - zp)
+                        })
+                        .sum();
+                    requant(acc, mult, yz as f32)
+                })
+                .collect();
+            assert_eq!(got, want, "{batch:?}");
+        }
     }
 
     #[test]
@@ -861,8 +905,8 @@ mod tests {
             ("bs", Some(f32_tensor("bs", &[4], &[0.1; 4]))),
             // A vector input scale (QLinearMatMul's is a scalar).
             ("as", Some(f32_tensor("as", &[2], &[0.1, 0.2]))),
-            // A kernel of rank 3.
-            ("b", Some(raw_tensor("b", UINT8, &[2, 4, 3], vec![1; 24]))),
+            // A kernel of rank 1.
+            ("b", Some(raw_tensor("b", UINT8, &[12], vec![1; 12]))),
             // A zero point whose declared shape has no data behind it.
             ("az", Some(raw_tensor("az", UINT8, &[1], vec![]))),
             // Per-column kernel zero points of the wrong length.
