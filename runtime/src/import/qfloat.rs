@@ -7,7 +7,9 @@
 //!
 //! Integer values up to 2^24 are exact in f32, so 8- and 16-bit results are bit-exact. Per-axis
 //! parameters are reshaped to broadcast along `axis` (when the input's rank is known). Blocked
-//! quantization, float8 and 4-bit types are left alone (tract reports them).
+//! parameters (`block_size` B, opset 21) are repeated B times along `axis` by a `Gather` with
+//! indices `i / B` (when the input's dimension there is known), then broadcast the same way.
+//! float8 and 4-bit types are left alone (tract reports them).
 
 use std::collections::HashMap;
 
@@ -81,16 +83,43 @@ fn is_scalar(
         || decl.get(name).is_some_and(|d| d.1 == Some(0))
 }
 
+/// Concrete dimensions of graph inputs, outputs and annotated values (`None` for symbolic ones).
+fn declared_dims(g: &GraphProto) -> HashMap<String, Vec<Option<usize>>> {
+    let mut out = HashMap::new();
+    for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
+        if let Some(type_proto::Value::TensorType(t)) =
+            v.r#type.as_ref().and_then(|t| t.value.as_ref())
+            && let Some(shape) = &t.shape
+        {
+            let dims = shape
+                .dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(tract_onnx::pb::tensor_shape_proto::dimension::Value::DimValue(v))
+                        if v > 0 =>
+                    {
+                        Some(v as usize)
+                    }
+                    _ => None,
+                })
+                .collect();
+            out.insert(v.name.clone(), dims);
+        }
+    }
+    out
+}
+
 pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
     let consts = constants(g);
     let prod = producers(g);
     let decl = declared(g);
+    let dims = declared_dims(g);
     let mut out_nodes = Vec::with_capacity(g.node.len());
     let mut inits = Vec::new();
     let mut count = 0usize;
     let nodes = std::mem::take(&mut g.node);
     for (i, n) in nodes.iter().enumerate() {
-        match expand(&nodes, i, n, &consts, &prod, &decl, &mut inits) {
+        match expand(&nodes, i, n, &consts, &prod, &decl, &dims, &mut inits) {
             Some(new) => {
                 count += 1;
                 out_nodes.extend(new);
@@ -101,7 +130,7 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
     g.node = out_nodes;
     g.initializer.extend(inits);
     if count > 0 {
-        report.push(format!("expanded {count} × QuantizeLinear/DequantizeLinear (16-bit or run-time parameters) into exact float ops"));
+        report.push(format!("expanded {count} × QuantizeLinear/DequantizeLinear (16-bit, blocked or run-time parameters) into exact float ops"));
     }
 }
 
@@ -113,6 +142,7 @@ fn expand(
     consts: &HashMap<String, TensorProto>,
     prod: &HashMap<String, usize>,
     decl: &HashMap<String, (i32, Option<usize>)>,
+    dims: &HashMap<String, Vec<Option<usize>>>,
     inits: &mut Vec<TensorProto>,
 ) -> Option<Vec<NodeProto>> {
     let quantize = match (n.op_type.as_str(), n.domain.as_str()) {
@@ -120,7 +150,8 @@ fn expand(
         ("DequantizeLinear", "" | "ai.onnx") => false,
         _ => return None,
     };
-    if attr_i(n, "block_size").unwrap_or(0) != 0 || n.input.len() < 2 || n.output.len() != 1 {
+    let block = attr_i(n, "block_size").unwrap_or(0);
+    if block < 0 || n.input.len() < 2 || n.output.len() != 1 {
         return None;
     }
     let x = n.input[0].as_str();
@@ -146,7 +177,7 @@ fn expand(
     let sixteen = matches!(int_type, UINT16 | INT16);
     let dynamic = !consts.contains_key(scale) || zp.is_some_and(|z| !consts.contains_key(z));
     let int32_dq = !quantize && int_type == INT32;
-    if !(sixteen || dynamic || int32_dq) {
+    if !(sixteen || dynamic || int32_dq || block > 0) {
         return None;
     }
     if quantize && range(int_type).is_none() {
@@ -164,8 +195,41 @@ fn expand(
         }
     );
     let mut out = Vec::new();
+    // Blocked parameters: as many entries along `axis` as the input has, entry i from block
+    // i / B. They have the input's rank, so they broadcast as they are.
+    let (scale, zp) = if block > 0 {
+        let x_dims = dims.get(x)?;
+        let r = x_dims.len() as i64;
+        let axis = attr_i(n, "axis").unwrap_or(1);
+        let axis = if axis < 0 { axis + r } else { axis };
+        let d = (*x_dims.get(usize::try_from(axis).ok()?)?)?;
+        let idx = format!("{p}_block_idx");
+        inits.push(raw_tensor(
+            &idx,
+            7,
+            &[d as i64],
+            (0..d as i64)
+                .flat_map(|i| (i / block).to_le_bytes())
+                .collect(),
+        ));
+        let mut gather = |what: &str, v: &str| -> String {
+            let o = format!("{p}_{what}_blocks");
+            out.push(node(
+                "Gather",
+                format!("{p}_{what}_gather"),
+                &[v, &idx],
+                &[&o],
+                vec![int_attr("axis", axis)],
+            ));
+            o
+        };
+        (gather("scale", scale), zp.map(|z| gather("zp", z)))
+    } else {
+        (scale.to_string(), zp.map(str::to_string))
+    };
+    let (scale, zp) = (scale.as_str(), zp.as_deref());
     // Per-axis parameters broadcast along `axis`.
-    let needs_reshape = !is_scalar(consts, decl, scale);
+    let needs_reshape = block == 0 && !is_scalar(consts, decl, scale);
     let rank = decl.get(x).and_then(|d| d.1);
     let shape_name = format!("{p}_shape");
     if needs_reshape {
