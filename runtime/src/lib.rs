@@ -30,6 +30,7 @@ mod error;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 mod import;
+mod lowp;
 pub mod manifest;
 mod model;
 pub mod npy;
@@ -44,7 +45,9 @@ pub use model::{Dim, Graph, Model, QuantFormat, TensorInfo};
 pub use options::ModelOptions;
 pub use tensor::{DType, Element, Tensor};
 
-/// Decodes an ONNX `TensorProto` (as stored in the ONNX test data `.pb` files).
+/// Decodes an ONNX `TensorProto` (as stored in the ONNX test data `.pb` files). Narrow types
+/// come widened, as fedge runs them: 4- and 2-bit integers as `i8`/`u8`, 8-bit and 4-bit floats
+/// (E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ, E2M1) as the `f32` values they encode.
 ///
 /// # Errors
 /// [`RuntimeError::NotOnnx`] when the bytes are not a tensor, [`RuntimeError::UnsupportedDtype`]

@@ -27,6 +27,10 @@ pub(crate) const GLOBAL_AVERAGE_POOL: &str = "FedgeGlobalAveragePool";
 /// (float), `zero_point` and `signed` (ints).
 pub(crate) const QUANTIZE_LINEAR: &str = "FedgeQuantizeLinear";
 
+/// The op type for `Cast` to an ONNX narrow type (`crate::lowp`), attributes `to` (the narrow
+/// ONNX type code) and `saturate` (int, default 1); the output is the type's container.
+pub(crate) const CAST_NARROW: &str = "FedgeCastNarrow";
+
 /// Round half to even for |v| ≤ 2^22 (and NaN), without `roundevenf`, which baseline x86-64
 /// has no instruction for: adding and subtracting 1.5·2^23 leaves the integer the default
 /// rounding mode picks.
@@ -55,6 +59,25 @@ pub(crate) fn onnx() -> tract_onnx::Onnx {
         Ok((
             tract_onnx::tract_hir::ops::expandable::expand(
                 tract_onnx::tract_hir::ops::element_wise::ElementWiseOp(Box::new(op)),
+            ),
+            vec![],
+        ))
+    });
+    onnx.op_register.insert(CAST_NARROW, |_, node| {
+        let to = node
+            .get_attr_opt::<i64>("to")?
+            .with_context(|| format!("{CAST_NARROW} without its `to` attribute"))?;
+        let to = i32::try_from(to)
+            .ok()
+            .filter(|&t| crate::lowp::is_narrow(t))
+            .with_context(|| format!("{CAST_NARROW}: {to} is not a narrow ONNX type"))?;
+        let saturate = node.get_attr_opt::<i64>("saturate")?.unwrap_or(1) != 0;
+        Ok((
+            tract_onnx::tract_hir::ops::expandable::expand(
+                tract_onnx::tract_hir::ops::element_wise::ElementWiseOp(Box::new(CastNarrow {
+                    to,
+                    saturate,
+                })),
             ),
             vec![],
         ))
@@ -683,6 +706,48 @@ impl ElementWiseMiniOp for QuantizeOrt {
         } else {
             let q = self.quantize(x, |v| v as i32 as u8, (0.0, 255.0));
             Tensor::from_shape(t.shape(), &q)
+        }
+    }
+}
+
+/// ONNX `Cast` to a narrow type (4/2-bit integers, 8-bit and 4-bit floats), onto the type's
+/// container (`crate::lowp`): any numeric input, as the value the narrow type keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct CastNarrow {
+    pub to: i32,
+    pub saturate: bool,
+}
+
+impl CastNarrow {
+    fn container(&self) -> DatumType {
+        match crate::lowp::container(self.to) {
+            Some(3) => DatumType::I8,
+            Some(2) => DatumType::U8,
+            _ => DatumType::F32,
+        }
+    }
+}
+
+impl ElementWiseMiniOp for CastNarrow {
+    fn name(&self) -> String {
+        CAST_NARROW.into()
+    }
+
+    fn output_type(&self, _input_type: DatumType) -> Option<DatumType> {
+        Some(self.container())
+    }
+
+    fn eval_out_of_place(&self, t: &Tensor, _out_dt: Option<DatumType>) -> TractResult<Tensor> {
+        let t = t.cast_to::<f64>()?;
+        let plain = t.try_as_plain_ram()?;
+        let x = plain.as_slice::<f64>()?;
+        let v = x
+            .iter()
+            .map(|&v| crate::lowp::narrow(self.to, v, self.saturate));
+        match self.container() {
+            DatumType::I8 => Tensor::from_shape(t.shape(), &v.map(|v| v as i8).collect::<Vec<_>>()),
+            DatumType::U8 => Tensor::from_shape(t.shape(), &v.map(|v| v as u8).collect::<Vec<_>>()),
+            _ => Tensor::from_shape(t.shape(), &v.map(|v| v as f32).collect::<Vec<_>>()),
         }
     }
 }

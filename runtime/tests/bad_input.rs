@@ -248,3 +248,87 @@ fn run_named_rejects_unknown_names() {
         .expect_err("unknown");
     assert!(matches!(err, RuntimeError::UnknownInput(n) if n == "zzz"));
 }
+
+/// `y = DequantizeLinear(x, 0.5, zp)` with `x` and `zp` int4 (ONNX type 22), `zp` a packed
+/// initializer with `zp_raw` as its data, then `Cast` back to int4.
+fn int4_model(zp_raw: Vec<u8>) -> Vec<u8> {
+    let node =
+        |op: &str, inputs: &[&str], out: &str, attribute: Vec<pb::AttributeProto>| pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.into()],
+            name: out.into(),
+            attribute,
+            ..Default::default()
+        };
+    let to = pb::AttributeProto {
+        name: "to".into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: 22,
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 10,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 21,
+        }],
+        graph: Some(pb::GraphProto {
+            name: "g".into(),
+            node: vec![
+                node("DequantizeLinear", &["x", "s", "zp"], "y", vec![]),
+                node("Mul", &["y", "two"], "z", vec![]),
+                node("Cast", &["z"], "q", vec![to]),
+            ],
+            initializer: vec![
+                pb::TensorProto {
+                    name: "s".into(),
+                    data_type: 1,
+                    raw_data: 0.5f32.to_le_bytes().to_vec(),
+                    ..Default::default()
+                },
+                pb::TensorProto {
+                    name: "two".into(),
+                    data_type: 1,
+                    raw_data: 2f32.to_le_bytes().to_vec(),
+                    ..Default::default()
+                },
+                pb::TensorProto {
+                    name: "zp".into(),
+                    data_type: 22,
+                    dims: vec![1],
+                    raw_data: zp_raw,
+                    ..Default::default()
+                },
+            ],
+            input: vec![value_info("x", 22, &[4])],
+            output: vec![value_info("y", 1, &[4]), value_info("q", 22, &[4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn narrow_types_run_widened_and_unreadable_narrow_data_is_an_error() {
+    // int4 values travel in i8: x - zp with zp = -2 (0xe), times 0.5; the Cast back wraps.
+    let m = Model::from_bytes(&int4_model(vec![0x0e]), &ModelOptions::default()).expect("load");
+    let x = Tensor::new(&[4], &[-8i8, -1, 0, 7]).expect("x");
+    let out = m.run(&[x]).expect("run");
+    assert_eq!(
+        out[0].to_vec::<f32>().expect("f32"),
+        vec![-3.0, 0.5, 1.0, 4.5]
+    );
+    assert_eq!(out[1].to_vec::<i8>().expect("i8"), vec![-6, 1, 2, -7]);
+    // A wrong dtype for the widened input is the usual typed error.
+    let err = m.run(&[t(&[4], 1.0)]).expect_err("f32 for an int4 input");
+    assert!(matches!(err, RuntimeError::InputDtype { .. }), "{err}");
+    // The zero point's data missing: an error naming what failed, no panic.
+    let err = Model::from_bytes(&int4_model(vec![]), &ModelOptions::default())
+        .expect_err("zero point without data");
+    assert!(
+        matches!(&err, RuntimeError::InvalidModel(m) if m.contains("`zp`") && m.contains("22")),
+        "{err}"
+    );
+}

@@ -57,7 +57,12 @@ pub(super) fn quantizes(g: &GraphProto) -> bool {
     g.node.iter().any(|n| {
         matches!(
             n.op_type.as_str(),
-            "QuantizeLinear" | "DynamicQuantizeLinear" | "QLinearConv" | "QLinearMatMul" | "Round"
+            "QuantizeLinear"
+                | "DynamicQuantizeLinear"
+                | "QLinearConv"
+                | "QLinearMatMul"
+                | "Round"
+                | crate::tract_ops::CAST_NARROW
         )
     })
 }

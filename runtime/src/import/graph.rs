@@ -11,9 +11,14 @@ pub(crate) const INT8: i32 = 3;
 pub(crate) const INT32: i32 = 6;
 pub(crate) const INT64: i32 = 7;
 
-/// Decodes a constant with tract's own loader (raw, typed and external data alike).
+/// Decodes a constant with tract's own loader (raw, typed and external data alike); narrow
+/// types (`crate::lowp`) come widened to their container type.
 pub(crate) fn load(t: &TensorProto) -> Option<TractTensor> {
     let resolver = tract_onnx::data_resolver::MmapDataResolver;
+    if crate::lowp::is_narrow(t.data_type) {
+        let wide = crate::lowp::widen(t)?;
+        return tract_onnx::tensor::load_tensor(&resolver, &wide, None).ok();
+    }
     tract_onnx::tensor::load_tensor(&resolver, t, None).ok()
 }
 

@@ -4,11 +4,13 @@
 //! - [`graph`]: helpers over `GraphProto` (constants, producers, node builders);
 //! - `shapes`: constant inputs, symbolic dimensions, stale `value_info`;
 //! - `fold`: `If` nodes whose condition is constant once inputs are fixed;
+//! - `narrow`: 4-/2-bit integer and 8-/4-bit float types held in i8/u8/f32, narrowing casts;
 //! - `msft`: onnxruntime's `com.microsoft` QOperator ops decomposed into standard ops;
-//! - `qfloat`: Q/DQ tract cannot run (16-bit, run-time parameters) as exact float arithmetic;
+//! - `qfloat`: Q/DQ tract cannot run (16-bit, narrow types, blocked or run-time parameters) as
+//!   exact float arithmetic;
 //! - `qexact`: int8 convolutions and matrix products with constant kernels on float kernels,
 //!   with exact integer sums;
-//! - `exactdiv`: float divisions of quantized graphs computed as divisions (tract multiplies by
+//! - `exactdiv` (also ONNX-exact `QuantizeLinear`, `QLinearAdd`, `GlobalAveragePool`): float divisions of quantized graphs computed as divisions (tract multiplies by
 //!   reciprocals);
 //! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
 //!   wrong rewritten into exact float arithmetic.
@@ -17,6 +19,7 @@ mod exactdiv;
 mod fold;
 pub(crate) mod graph;
 mod msft;
+mod narrow;
 mod qdq;
 mod qexact;
 mod qfloat;
@@ -67,6 +70,7 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
         .graph
         .as_mut()
         .ok_or_else(|| RuntimeError::NotOnnx("no graph".into()))?;
+    let narrow = narrow::widen(graph, &mut report)?;
     shapes::bake_constants(graph, &opts.constants, &mut report)?;
     shapes::resolve_dims(graph, opts, &mut report);
     if opts.rewrites {
@@ -74,7 +78,7 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
             exactdiv::qlinear_add(graph, &mut report);
         }
         msft::decompose(graph, &mut report);
-        qfloat::rewrite(graph, &mut report);
+        qfloat::rewrite(graph, &narrow, &mut report);
         if !opts.integer_kernels {
             msft::dequantize_integer_ops(graph, &mut report);
         }

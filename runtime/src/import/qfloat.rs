@@ -15,21 +15,25 @@ use std::collections::HashMap;
 
 use tract_onnx::pb::{GraphProto, NodeProto, TensorProto, type_proto};
 
+use crate::lowp;
+use crate::tract_ops::CAST_NARROW;
+
 use super::graph::{
     FLOAT, INT8, INT32, UINT8, attr_i, constants, f32_tensor, int_attr, node, producers, raw_tensor,
 };
 
 const UINT16: i32 = 4;
+const FLOAT16: i32 = 10;
 const INT16: i32 = 5;
 
-/// The saturation range of an ONNX integer type code.
+/// The saturation range of an ONNX integer type code (4- and 2-bit ones included).
 fn range(t: i32) -> Option<(f32, f32)> {
     Some(match t {
         UINT8 => (0.0, 255.0),
         INT8 => (-128.0, 127.0),
         UINT16 => (0.0, 65535.0),
         INT16 => (-32768.0, 32767.0),
-        _ => return None,
+        _ => return lowp::int_range(t),
     })
 }
 
@@ -49,7 +53,8 @@ fn declared(g: &GraphProto) -> HashMap<String, (i32, Option<usize>)> {
     out
 }
 
-/// The ONNX element type of `name`: a constant's, a `Cast`'s target, or a declared type.
+/// The ONNX element type of `name`: a narrow type `narrow::widen` widened, a constant's, a
+/// `Cast`'s target, or a declared type.
 fn elem_type(
     nodes: &[NodeProto],
     consts: &HashMap<String, TensorProto>,
@@ -57,6 +62,9 @@ fn elem_type(
     decl: &HashMap<String, (i32, Option<usize>)>,
     name: &str,
 ) -> Option<i32> {
+    if let Some(&(t, _)) = decl.get(name).filter(|d| lowp::is_narrow(d.0)) {
+        return Some(t);
+    }
     if let Some(t) = consts.get(name) {
         return Some(t.data_type);
     }
@@ -109,10 +117,14 @@ fn declared_dims(g: &GraphProto) -> HashMap<String, Vec<Option<usize>>> {
     out
 }
 
-pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
+pub(super) fn rewrite(g: &mut GraphProto, narrow: &HashMap<String, i32>, report: &mut Vec<String>) {
     let consts = constants(g);
     let prod = producers(g);
-    let decl = declared(g);
+    let mut decl = declared(g);
+    // Narrow types held widened: their own type, whatever the container says.
+    for (name, &t) in narrow {
+        decl.entry(name.clone()).or_insert((t, None)).0 = t;
+    }
     let dims = declared_dims(g);
     let mut out_nodes = Vec::with_capacity(g.node.len());
     let mut inits = Vec::new();
@@ -130,7 +142,7 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
     g.node = out_nodes;
     g.initializer.extend(inits);
     if count > 0 {
-        report.push(format!("expanded {count} × QuantizeLinear/DequantizeLinear (16-bit, blocked or run-time parameters) into exact float ops"));
+        report.push(format!("expanded {count} × QuantizeLinear/DequantizeLinear (16-bit, narrow, blocked or run-time parameters) into exact float ops"));
     }
 }
 
@@ -165,7 +177,10 @@ fn expand(
             decl.get(n.output[0].as_str()).map(|d| d.0)
         }
     })?;
-    if scale_type != FLOAT {
+    // float16 scales: dequantized in f32 (integer and 8-bit float codes times a float16 are
+    // exact there) and rounded once to float16.
+    let half = scale_type == FLOAT16 && !quantize;
+    if scale_type != FLOAT && !half {
         return None;
     }
     // The integer type: the zero point's, the `output_dtype` attribute's, or uint8.
@@ -175,15 +190,14 @@ fn expand(
         None => elem_type(nodes, consts, prod, decl, x)?,
     };
     let sixteen = matches!(int_type, UINT16 | INT16);
+    let narrow_type = lowp::is_narrow(int_type);
+    let float_narrow = narrow_type && lowp::int_range(int_type).is_none();
     let dynamic = !consts.contains_key(scale) || zp.is_some_and(|z| !consts.contains_key(z));
     let int32_dq = !quantize && int_type == INT32;
-    if !(sixteen || dynamic || int32_dq || block > 0) {
+    if !(sixteen || dynamic || int32_dq || block > 0 || narrow_type || half) {
         return None;
     }
-    if quantize && range(int_type).is_none() {
-        return None;
-    }
-    if !quantize && range(int_type).is_none() && int_type != INT32 {
+    if range(int_type).is_none() && !float_narrow && (quantize || int_type != INT32) {
         return None;
     }
     let p = format!(
@@ -266,7 +280,20 @@ fn expand(
             name.to_string()
         }
     };
-    let s = reshape(scale, &mut out);
+    let scale = if half {
+        let sf = format!("{p}_scale_f");
+        out.push(node(
+            "Cast",
+            format!("{p}_scale_cast"),
+            &[scale],
+            &[&sf],
+            vec![int_attr("to", i64::from(FLOAT))],
+        ));
+        sf
+    } else {
+        scale.to_string()
+    };
+    let s = reshape(&scale, &mut out);
     let zf = zp.map(|z| {
         let zc = format!("{p}_zp_f");
         out.push(node(
@@ -279,7 +306,31 @@ fn expand(
         reshape(&zc, &mut out)
     });
     let y = n.output[0].as_str();
-    if quantize {
+    if quantize && float_narrow {
+        // 8- and 4-bit floats: `x / s + zp` rounded to the type (no rounding to integers).
+        let div = format!("{p}_div");
+        out.push(node("Div", div.clone(), &[x, &s], &[&div], vec![]));
+        let shifted = match &zf {
+            Some(z) => {
+                let add = format!("{p}_add");
+                out.push(node("Add", add.clone(), &[&div, z], &[&add], vec![]));
+                add
+            }
+            None => div,
+        };
+        let mut cast = node(
+            CAST_NARROW,
+            format!("{p}_out"),
+            &[&shifted],
+            &[y],
+            vec![
+                int_attr("to", i64::from(int_type)),
+                int_attr("saturate", attr_i(n, "saturate").unwrap_or(1)),
+            ],
+        );
+        cast.domain = "ai.fedge".into();
+        out.push(cast);
+    } else if quantize {
         let (lo, hi) = range(int_type)?;
         let (div, rnd, add, sat_lo, sat_hi) = (
             format!("{p}_div"),
@@ -319,7 +370,10 @@ fn expand(
             format!("{p}_out"),
             &[&sat_hi],
             &[y],
-            vec![int_attr("to", i64::from(int_type))],
+            vec![int_attr(
+                "to",
+                i64::from(lowp::container(int_type).unwrap_or(int_type)),
+            )],
         ));
     } else {
         let xf = format!("{p}_x_f");
@@ -338,13 +392,27 @@ fn expand(
             }
             None => xf,
         };
+        let product = if half {
+            format!("{p}_mul_f")
+        } else {
+            y.to_string()
+        };
         out.push(node(
             "Mul",
             format!("{p}_mul"),
             &[&centred, &s],
-            &[y],
+            &[&product],
             vec![],
         ));
+        if half {
+            out.push(node(
+                "Cast",
+                format!("{p}_half"),
+                &[&product],
+                &[y],
+                vec![int_attr("to", i64::from(FLOAT16))],
+            ));
+        }
     }
     Some(out)
 }
