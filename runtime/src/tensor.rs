@@ -150,9 +150,8 @@ macro_rules! element {
                 out.extend_from_slice(&self.to_le_bytes());
             }
             fn from_le(b: &[u8]) -> Self {
-                let mut a = [0u8; std::mem::size_of::<$t>()];
-                a.copy_from_slice(b);
-                <$t>::from_le_bytes(a)
+                // A fixed-size read (no memcpy call per element); callers pass exact chunks.
+                b.try_into().map_or(0 as $t, <$t>::from_le_bytes)
             }
         }
     };
@@ -256,7 +255,7 @@ impl Tensor {
     pub fn to_vec<T: Element>(&self) -> Option<Vec<T>> {
         (self.dtype == T::DTYPE).then(|| {
             self.bytes
-                .chunks_exact(self.dtype.size_of())
+                .chunks_exact(std::mem::size_of::<T>())
                 .map(T::from_le)
                 .collect()
         })

@@ -27,6 +27,12 @@ pub(crate) const GLOBAL_AVERAGE_POOL: &str = "FedgeGlobalAveragePool";
 /// (float), `zero_point` and `signed` (ints).
 pub(crate) const QUANTIZE_LINEAR: &str = "FedgeQuantizeLinear";
 
+/// The op type for onnxruntime's requantisation of an integer accumulator (f32 holding exact
+/// integers, or i32): `saturate(round_half_even(acc · m[c]) + zero_point)` with one multiplier
+/// per channel along `axis` (or one for all); attributes `m` (floats), `axis`, `zero_point`
+/// and `signed` (ints).
+pub(crate) const REQUANTIZE: &str = "FedgeRequantize";
+
 /// The op type for `Cast` to an ONNX narrow type (`crate::lowp`), attributes `to` (the narrow
 /// ONNX type code) and `saturate` (int, default 1); the output is the type's container.
 pub(crate) const CAST_NARROW: &str = "FedgeCastNarrow";
@@ -82,6 +88,21 @@ pub(crate) fn onnx() -> tract_onnx::Onnx {
             vec![],
         ))
     });
+    onnx.op_register.insert(REQUANTIZE, |_, node| {
+        let m = node
+            .get_attr_opt_tvec::<f32>("m")?
+            .with_context(|| format!("{REQUANTIZE} without its `m` attribute"))?;
+        ensure!(!m.is_empty(), "{REQUANTIZE} with no multiplier");
+        Ok((
+            Box::new(Requantize {
+                m: m.iter().map(|v| v.to_bits()).collect(),
+                axis: node.get_attr_opt::<i64>("axis")?.unwrap_or(1),
+                zero_point: node.get_attr_opt::<i64>("zero_point")?.unwrap_or(0) as i32,
+                signed: node.get_attr_opt::<i64>("signed")?.unwrap_or(0) != 0,
+            }),
+            vec![],
+        ))
+    });
     onnx.op_register.insert(GLOBAL_AVERAGE_POOL, |_, _| {
         Ok((Box::new(GlobalAveragePoolOrt), vec![]))
     });
@@ -117,7 +138,13 @@ fn div_in_place<T: Datum + Copy + std::ops::Div<Output = T>>(
 ) -> TractResult<()> {
     let b_plain = b.try_as_plain_ram()?;
     let mut a_plain = a.try_as_plain_ram_mut()?;
-    if b_plain.len() == 1 {
+    if b_plain.len() == 1 && T::datum_type() == DatumType::F32 {
+        let d = *b_plain
+            .as_slice::<f32>()?
+            .first()
+            .context("empty divisor")?;
+        div_by_scalar_f32(a_plain.as_slice_mut::<f32>()?, d);
+    } else if b_plain.len() == 1 {
         let d = *b_plain.as_slice::<T>()?.first().context("empty divisor")?;
         a_plain
             .as_slice_mut::<T>()?
@@ -132,6 +159,30 @@ fn div_in_place<T: Datum + Copy + std::ops::Div<Output = T>>(
         av.zip_mut_with(&bv, |x, y| *x = *x / *y);
     }
     Ok(())
+}
+
+/// `x / d` in place, four lanes at a time with SSE2 on x86-64 (`divps` rounds each lane as
+/// `divss` does; LLVM's cost model for baseline x86-64 keeps float division scalar).
+fn div_by_scalar_f32(x: &mut [f32], d: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "sse2")]
+        fn sse2(x: &mut [f32], d: f32) {
+            use std::arch::x86_64::*;
+            let vd = _mm_set1_ps(d);
+            for c in x.chunks_exact_mut(4) {
+                let q = _mm_div_ps(_mm_set_ps(c[3], c[2], c[1], c[0]), vd);
+                // SAFETY: `c` is 4 writable f32s; `storeu` has no alignment requirement.
+                unsafe { _mm_storeu_ps(c.as_mut_ptr(), q) };
+            }
+        }
+        // SAFETY: SSE2 is part of the x86-64 baseline, so every x86-64 CPU has it.
+        unsafe { sse2(x, d) };
+        let done = x.len() / 4 * 4;
+        x[done..].iter_mut().for_each(|v| *v /= d);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    x.iter_mut().for_each(|v| *v /= d);
 }
 
 fn div_out_of_place<T: Datum + Copy + std::ops::Div<Output = T>>(
@@ -622,6 +673,127 @@ mod tests {
         );
     }
 
+    /// Values that probe every branch: ties, bounds, NaN, infinities, signed zeros, randoms.
+    fn probes(n: usize) -> Vec<f32> {
+        let mut seed = 5;
+        let special = [
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            127.5,
+            128.5,
+            -128.5,
+            255.5,
+            1e9,
+            -1e9,
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            4_194_303.5,
+        ];
+        (0..n)
+            .map(|i| {
+                special
+                    .get(i % 40)
+                    .copied()
+                    .unwrap_or_else(|| (lcg(&mut seed) as f32 / u32::MAX as f32 - 0.5) * 700.0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vector_quantize_and_divide_equal_their_scalar_forms() {
+        let x = probes(1003);
+        for s in [1.0f32, 0.023_529_41, 3.0, 0.7] {
+            for zp in [0, 7, -3, 128] {
+                for signed in [false, true] {
+                    let p = quant_params(zp, signed);
+                    let mut div = vec![0u8; x.len()];
+                    quantize_slice::<false>(&x, &mut div, s, zp, signed);
+                    let mut mul = vec![0u8; x.len()];
+                    quantize_slice::<true>(&x, &mut mul, s, zp, signed);
+                    for (i, &v) in x.iter().enumerate() {
+                        assert_eq!(div[i], quantize_one::<false>(v, s, p) as u8, "{v} / {s}");
+                        assert_eq!(mul[i], quantize_one::<true>(v, s, p) as u8, "{v} * {s}");
+                        let q = (v / s).round_ties_even() + zp as f32;
+                        let (lo, hi) = if signed {
+                            (-128.0, 127.0)
+                        } else {
+                            (0.0, 255.0)
+                        };
+                        let want = if v.is_nan() { lo } else { q.clamp(lo, hi) };
+                        let got = if signed {
+                            div[i] as i8 as f32
+                        } else {
+                            div[i] as f32
+                        };
+                        assert_eq!(got, want, "{v} / {s} + {zp}");
+                    }
+                }
+            }
+            let mut y = x.clone();
+            div_by_scalar_f32(&mut y, s);
+            for (a, b) in y.iter().zip(&x) {
+                assert!(a.to_bits() == (b / s).to_bits() || (a.is_nan() && b.is_nan()));
+            }
+        }
+    }
+
+    #[test]
+    fn requantize_scales_each_channel_once_and_checks_its_multipliers() {
+        let acc: Vec<f32> = probes(2 * 3 * 20).iter().map(|v| v.round()).collect();
+        let m = [0.01f32, 0.5, 0.003];
+        let op = |axis: i64, m: &[f32]| Requantize {
+            m: m.iter().map(|v| v.to_bits()).collect(),
+            axis,
+            zero_point: 10,
+            signed: false,
+        };
+        let want = |v: f32, m: f32| -> u8 {
+            if v.is_nan() {
+                0
+            } else {
+                ((v * m).round_ties_even() + 10.0).clamp(0.0, 255.0) as u8
+            }
+        };
+        // NCHW: channels on axis 1, 20 values each.
+        let got = op(1, &m).requantize(&acc, &[2, 3, 4, 5]).expect("nchw");
+        for (i, (&g, &v)) in got.iter().zip(&acc).enumerate() {
+            assert_eq!(g, want(v, m[i / 20 % 3]), "nchw {i}");
+        }
+        // Channels last (a matrix product's columns).
+        let got = op(-1, &m).requantize(&acc, &[40, 3]).expect("last");
+        for (i, (&g, &v)) in got.iter().zip(&acc).enumerate() {
+            assert_eq!(g, want(v, m[i % 3]), "last {i}");
+        }
+        // One multiplier for everything.
+        let got = op(1, &m[..1]).requantize(&acc, &[120]).expect("one");
+        for (&g, &v) in got.iter().zip(&acc) {
+            assert_eq!(g, want(v, m[0]));
+        }
+        // Multipliers that fit no axis, and an axis out of range: errors, not panics.
+        assert!(op(1, &m).requantize(&acc, &[2, 4, 15]).is_err());
+        assert!(op(3, &m).requantize(&acc, &[40, 3]).is_err());
+        // An i32 accumulator runs through `eval`, converted to f32 first.
+        let acc_i: Vec<i32> = (0..6).map(|i| i * 1000 - 2500).collect();
+        let t = Tensor::from_shape(&[1, 3, 2], &acc_i).expect("acc");
+        let out = op(1, &m)
+            .eval(&EvalContext::out_of_plan(), tvec!(t.into_tvalue()))
+            .expect("eval");
+        let out = out[0].try_as_plain_ram().expect("ram");
+        let q = out.as_slice::<u8>().expect("u8");
+        let want_i: Vec<u8> = acc_i
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| want(a as f32, m[i / 2]))
+            .collect();
+        assert_eq!(q, want_i.as_slice());
+    }
+
     #[test]
     fn global_average_pool_sums_in_four_lanes_then_the_tail() {
         // 2 channels of 3x3: 9 elements, two blocks of four and a tail of one.
@@ -666,22 +838,103 @@ pub(crate) struct QuantizeOrt {
 }
 
 impl QuantizeOrt {
-    fn quantize<T: Datum + Copy>(
-        &self,
-        x: &[f32],
-        cast: fn(f32) -> T,
-        (lo, hi): (f32, f32),
-    ) -> Vec<T> {
-        let (s, zp) = (f32::from_bits(self.scale), self.zero_point as f32);
-        // Clamping to the integer bounds before rounding changes no result. `max` first maps
-        // NaN to the lowest value, as onnxruntime's `maxps` does. The `cast`s see integers in
-        // range (through i32, which vectorises).
-        let (lo, hi) = (lo - zp, hi - zp);
-        x.iter()
-            .map(|&v| cast(round_even((v / s).max(lo).min(hi)) + zp))
-            .collect()
+    fn quantize(&self, x: &[f32], signed: bool) -> Vec<u8> {
+        let mut out = vec![0u8; x.len()];
+        quantize_slice::<false>(
+            x,
+            &mut out,
+            f32::from_bits(self.scale),
+            self.zero_point,
+            signed,
+        );
+        out
     }
 }
+
+/// The bounds `(lo, hi)` of an 8-bit type relative to the zero point, and the integer bias
+/// that turns [`MAGIC`]-rounded bits back into the value plus the zero point.
+fn quant_params(zero_point: i32, signed: bool) -> (f32, f32, i32) {
+    let (lo, hi) = if signed {
+        (-128.0, 127.0)
+    } else {
+        (0.0, 255.0)
+    };
+    (
+        lo - zero_point as f32,
+        hi - zero_point as f32,
+        zero_point - MAGIC_BITS,
+    )
+}
+
+/// One element: `v / s` (or `v · s` with `MUL`), clamped, rounded half to even, plus the zero
+/// point. Clamping to the integer bounds before rounding changes no result; NaN fails
+/// `q > lo` and becomes the lowest value, as onnxruntime's `maxps` does. Adding 1.5·2^23
+/// rounds half to even and leaves the integer in the low mantissa bits, read without a float
+/// to int conversion; the zero point is then added as an integer, exactly.
+#[inline(always)]
+fn quantize_one<const MUL: bool>(v: f32, s: f32, (lo, hi, bias): (f32, f32, i32)) -> i32 {
+    let q = if MUL { v * s } else { v / s };
+    let q = if q > lo { q } else { lo };
+    let q = if q < hi { q } else { hi };
+    (q + MAGIC).to_bits() as i32 + bias
+}
+
+/// [`quantize_one`] over a slice into 8-bit codes (two's complement bytes when `signed`),
+/// 16 values per step with SSE2 on x86-64 (the same operations, so the same results).
+fn quantize_slice<const MUL: bool>(x: &[f32], out: &mut [u8], s: f32, zp: i32, signed: bool) {
+    let p = quant_params(zp, signed);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE2 is part of the x86-64 baseline, so every x86-64 CPU has it.
+    let done = unsafe { quantize_sse2::<MUL>(x, out, s, p, signed) };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
+        *o = quantize_one::<MUL>(v, s, p) as u8;
+    }
+}
+
+/// [`quantize_slice`] on the first multiple of 16 values; returns how many it did.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse2")]
+fn quantize_sse2<const MUL: bool>(
+    x: &[f32],
+    out: &mut [u8],
+    s: f32,
+    (lo, hi, bias): (f32, f32, i32),
+    signed: bool,
+) -> usize {
+    use std::arch::x86_64::*;
+    let (vs, vlo, vhi) = (_mm_set1_ps(s), _mm_set1_ps(lo), _mm_set1_ps(hi));
+    let (magic, vbias) = (_mm_set1_ps(MAGIC), _mm_set1_epi32(bias));
+    let four = |c: &[f32]| -> __m128i {
+        let v = _mm_set_ps(c[3], c[2], c[1], c[0]);
+        let q = if MUL {
+            _mm_mul_ps(v, vs)
+        } else {
+            _mm_div_ps(v, vs)
+        };
+        // maxps(q, lo) returns `lo` when `q` is NaN, as `quantize_one` does.
+        let q = _mm_min_ps(_mm_max_ps(q, vlo), vhi);
+        _mm_add_epi32(_mm_castps_si128(_mm_add_ps(q, magic)), vbias)
+    };
+    for (o, c) in out.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
+        // In range already, so the saturating packs only narrow.
+        let lo16 = _mm_packs_epi32(four(&c[0..4]), four(&c[4..8]));
+        let hi16 = _mm_packs_epi32(four(&c[8..12]), four(&c[12..16]));
+        let bytes = if signed {
+            _mm_packs_epi16(lo16, hi16)
+        } else {
+            _mm_packus_epi16(lo16, hi16)
+        };
+        // SAFETY: `o` is 16 writable bytes; `storeu` has no alignment requirement.
+        unsafe { _mm_storeu_si128(o.as_mut_ptr().cast::<__m128i>(), bytes) };
+    }
+    x.len().min(out.len()) / 16 * 16
+}
+
+/// 1.5·2^23 and its bits: see [`quantize_one`].
+const MAGIC: f32 = 12_582_912.0;
+const MAGIC_BITS: i32 = 0x4b40_0000;
 
 impl ElementWiseMiniOp for QuantizeOrt {
     fn name(&self) -> String {
@@ -700,13 +953,14 @@ impl ElementWiseMiniOp for QuantizeOrt {
         let t = t.cast_to::<f32>()?;
         let plain = t.try_as_plain_ram()?;
         let x = plain.as_slice::<f32>()?;
-        if self.signed {
-            let q = self.quantize(x, |v| v as i32 as i8, (-128.0, 127.0));
-            Tensor::from_shape(t.shape(), &q)
+        let q = self.quantize(x, self.signed);
+        Ok(if self.signed {
+            // Same bytes, read as two's complement (collected in place).
+            let q: Vec<i8> = q.into_iter().map(|b| b as i8).collect();
+            tract_ndarray::ArrayD::from_shape_vec(t.shape(), q)?.into_tensor()
         } else {
-            let q = self.quantize(x, |v| v as i32 as u8, (0.0, 255.0));
-            Tensor::from_shape(t.shape(), &q)
-        }
+            tract_ndarray::ArrayD::from_shape_vec(t.shape(), q)?.into_tensor()
+        })
     }
 }
 
@@ -749,5 +1003,143 @@ impl ElementWiseMiniOp for CastNarrow {
             DatumType::U8 => Tensor::from_shape(t.shape(), &v.map(|v| v as u8).collect::<Vec<_>>()),
             _ => Tensor::from_shape(t.shape(), &v.map(|v| v as f32).collect::<Vec<_>>()),
         }
+    }
+}
+
+/// `saturate(round_half_even(acc · m[c]) + zero_point)`, onnxruntime's requantisation of a
+/// convolution's or matrix product's integer accumulator, in one pass (see [`REQUANTIZE`]).
+/// An i32 accumulator is converted to f32 first (round to nearest, as `cvtdq2ps` does).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Requantize {
+    /// Multipliers (f32 bits): one, or one per channel along `axis`.
+    pub m: Vec<u32>,
+    pub axis: i64,
+    pub zero_point: i32,
+    pub signed: bool,
+}
+
+impl Requantize {
+    fn out_type(&self) -> DatumType {
+        if self.signed {
+            DatumType::I8
+        } else {
+            DatumType::U8
+        }
+    }
+
+    /// Outer count, channels and inner count of `shape` around `axis` (all one block when
+    /// there is a single multiplier).
+    fn blocks(&self, shape: &[usize]) -> TractResult<(usize, usize, usize)> {
+        let n: usize = shape.iter().product();
+        if self.m.len() == 1 {
+            return Ok((1, 1, n));
+        }
+        let rank = shape.len() as i64;
+        let axis = if self.axis < 0 {
+            self.axis + rank
+        } else {
+            self.axis
+        };
+        ensure!(
+            (0..rank).contains(&axis),
+            "{REQUANTIZE}: axis {} out of range for rank {rank}",
+            self.axis
+        );
+        let axis = axis as usize;
+        ensure!(
+            shape[axis] == self.m.len(),
+            "{REQUANTIZE}: {} multipliers for {} channels",
+            self.m.len(),
+            shape[axis]
+        );
+        Ok((
+            shape[..axis].iter().product(),
+            shape[axis],
+            shape[axis + 1..].iter().product(),
+        ))
+    }
+
+    fn requantize(&self, acc: &[f32], shape: &[usize]) -> TractResult<Vec<u8>> {
+        let (outer, channels, inner) = self.blocks(shape)?;
+        let m: Vec<f32> = self.m.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut out = vec![0u8; acc.len()];
+        if inner == 1 && channels > 1 {
+            // Channels along the last axis (a matrix product's columns).
+            let p = quant_params(self.zero_point, self.signed);
+            for (o, a) in out
+                .chunks_exact_mut(channels)
+                .zip(acc.chunks_exact(channels))
+            {
+                for ((o, &a), &m) in o.iter_mut().zip(a).zip(&m) {
+                    *o = quantize_one::<true>(a, m, p) as u8;
+                }
+            }
+        } else {
+            let blocks = out
+                .chunks_exact_mut(inner)
+                .zip(acc.chunks_exact(inner))
+                .take(outer * channels);
+            for (i, (o, a)) in blocks.enumerate() {
+                quantize_slice::<true>(a, o, m[i % channels], self.zero_point, self.signed);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Op for Requantize {
+    fn name(&self) -> StaticName {
+        REQUANTIZE.into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Requantize {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let acc = inputs.first().context("FedgeRequantize without input")?;
+        let acc = acc.cast_to::<f32>()?;
+        let plain = acc.try_as_plain_ram()?;
+        let q = self.requantize(plain.as_slice::<f32>()?, acc.shape())?;
+        let t = if self.signed {
+            let q: Vec<i8> = q.into_iter().map(|b| b as i8).collect();
+            tract_ndarray::ArrayD::from_shape_vec(acc.shape(), q)?.into_tensor()
+        } else {
+            tract_ndarray::ArrayD::from_shape_vec(acc.shape(), q)?.into_tensor()
+        };
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl InferenceRulesOp for Requantize {
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, self.out_type())?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)
+    }
+
+    as_op!();
+    to_typed!();
+}
+
+impl TypedOp for Requantize {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let acc = inputs.first().context("FedgeRequantize without input")?;
+        ensure!(
+            matches!(acc.datum_type, DatumType::F32 | DatumType::I32),
+            "{REQUANTIZE} takes an f32 or i32 accumulator, not {:?}",
+            acc.datum_type
+        );
+        Ok(tvec!(self.out_type().fact(acc.shape.clone())))
     }
 }

@@ -63,6 +63,7 @@ pub(super) fn quantizes(g: &GraphProto) -> bool {
                 | "QLinearMatMul"
                 | "Round"
                 | crate::tract_ops::CAST_NARROW
+                | crate::tract_ops::REQUANTIZE
         )
     })
 }

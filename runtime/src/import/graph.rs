@@ -121,6 +121,15 @@ pub(crate) fn float_attr(name: &str, v: f32) -> AttributeProto {
     }
 }
 
+pub(crate) fn floats_attr(name: &str, v: &[f32]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Floats as i32,
+        floats: v.to_vec(),
+        ..Default::default()
+    }
+}
+
 pub(crate) fn node(
     op: &str,
     name: String,

@@ -22,8 +22,10 @@ use std::collections::HashMap;
 use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
 
 use super::graph::{
-    FLOAT, INT8, INT32, UINT8, constants, f32_tensor, i32_tensor, i64_tensor, int_attr, load, node,
+    FLOAT, INT8, INT32, UINT8, constants, f32_tensor, floats_attr, i32_tensor, i64_tensor,
+    int_attr, load, node,
 };
+use crate::tract_ops::REQUANTIZE;
 
 /// Largest integer below which every f32 partial sum of integers is exact.
 const EXACT: f64 = 16_777_216.0;
@@ -154,7 +156,12 @@ fn exact(
     let [x_scale] = x_scale[..] else { return None };
     let y_scale = f32s(consts, input(6))?;
     let [y_scale] = y_scale[..] else { return None };
-    consts.get(input(7))?;
+    let y_zp_type = consts.get(input(7))?.data_type;
+    if y_zp_type != UINT8 && y_zp_type != INT8 {
+        return None;
+    }
+    let y_zp = f32s(consts, input(7))?;
+    let [y_zp] = y_zp[..] else { return None };
     let w_scale = f32s(consts, input(4))?;
     let (w, w_shape) = values(consts, input(3))?;
     let w_zp = values(consts, input(5))
@@ -243,17 +250,8 @@ fn exact(
     let tmp = |what: &str| format!("{}__fedge_qx_{what}", n.output[0]);
     let dims: Vec<i64> = w_shape.iter().map(|&d| d as i64).collect();
     inits.push(f32_tensor(&tmp("one"), &[], &[1.0]));
-    let m_dims: Vec<i64> = if conv {
-        std::iter::once(channels as i64)
-            .chain(std::iter::repeat_n(1, w_shape.len() - 2))
-            .collect()
-    } else {
-        vec![channels as i64]
-    };
-    inits.push(f32_tensor(&tmp("m"), &m_dims, &m));
     let xf = tmp("x");
     let acc = tmp("acc");
-    let scaled = tmp("scaled");
     let mut nodes = vec![node(
         "DequantizeLinear",
         xf.clone(),
@@ -273,9 +271,6 @@ fn exact(
     } else {
         ("MatMul", vec![])
     };
-    // Through i32 (and back): the accumulator is an integer, so this changes no value, and it
-    // keeps tract from folding the per-channel multiplier into the kernel's weights (which
-    // would scale every product before the sum and lose the exact accumulator).
     let acc_i = tmp("acc_i32");
     let cast_i32 = |from: &str, to: &str| {
         node(
@@ -295,7 +290,9 @@ fn exact(
                 op_in.push(&b_name);
             }
             nodes.push(node(op, tmp(op), &op_in, &[&acc], attrs));
-            nodes.push(cast_i32(&acc, &tmp("sums_i32")));
+            if !bias_in_float {
+                nodes.push(cast_i32(&acc, &tmp("sums_i32")));
+            }
         }
         Some(chunks) => {
             let axis: i64 = if conv { 1 } else { -1 };
@@ -337,7 +334,8 @@ fn exact(
             }
         }
     }
-    match &bias {
+    // The accumulator: the float op's exact f32 output, or the i32 sum of slices and bias.
+    let acc_in = match &bias {
         Some(b) if !bias_in_float => {
             let b: Vec<i32> = (0..channels)
                 .map(|c| per64(b, c).map(|v| v as i32))
@@ -357,37 +355,28 @@ fn exact(
                 &[&acc_i],
                 vec![],
             ));
+            acc_i
         }
-        _ => nodes.push(node(
-            "Identity",
-            tmp("acc_id"),
-            &[&tmp("sums_i32")],
-            &[&acc_i],
-            vec![],
-        )),
-    }
-    let acc_f = tmp("acc_f32");
-    nodes.push(node(
-        "Cast",
-        acc_f.clone(),
-        &[&acc_i],
-        &[&acc_f],
-        vec![int_attr("to", FLOAT as i64)],
-    ));
-    nodes.push(node(
-        "Mul",
-        tmp("Mul"),
-        &[&acc_f, &tmp("m")],
-        &[&scaled],
-        vec![],
-    ));
-    nodes.push(node(
-        "QuantizeLinear",
-        tmp("q"),
-        &[&scaled, &tmp("one"), input(7)],
+        _ if chunks.is_some() => tmp("sums_i32"),
+        _ => acc,
+    };
+    // onnxruntime's requantisation in one pass: `saturate(round_half_even(acc · m[c]) + y_zp)`.
+    // An op of fedge's own, so tract cannot fold the multiplier into the kernel's weights
+    // (which would scale every product before the sum and lose the exact accumulator).
+    let mut rq = node(
+        REQUANTIZE,
+        tmp("requantize"),
+        &[&acc_in],
         &[&n.output[0]],
-        vec![],
-    ));
+        vec![
+            floats_attr("m", &m),
+            int_attr("axis", if conv { 1 } else { -1 }),
+            int_attr("zero_point", y_zp as i64),
+            int_attr("signed", i64::from(y_zp_type == INT8)),
+        ],
+    );
+    rq.domain = "ai.fedge".into();
+    nodes.push(rq);
     Some(nodes)
 }
 
@@ -930,7 +919,12 @@ mod tests {
         }
         // The same node with every parameter well formed is rewritten.
         let (g, report) = rewritten(qlinear_matmul(), all.iter().map(|&n| good(n)).collect(), k);
-        assert_eq!(g.node.len(), 7, "{report:?}");
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            ["DequantizeLinear", "MatMul", REQUANTIZE],
+            "{report:?}"
+        );
     }
 
     /// A graph `x (f32) → DynamicQuantizeLinear → op(xq, w, xzp, wzp) → y (int32)`: the
