@@ -712,10 +712,17 @@ mod tests {
             for zp in [0, 7, -3, 128] {
                 for signed in [false, true] {
                     let p = quant_params(zp, signed);
-                    let mut div = vec![0u8; x.len()];
-                    quantize_slice::<false>(&x, &mut div, s, zp, signed);
-                    let mut mul = vec![0u8; x.len()];
-                    quantize_slice::<true>(&x, &mut mul, s, zp, signed);
+                    let (mut div, mut mul) = (vec![0u8; x.len()], vec![0u8; x.len()]);
+                    if signed {
+                        let (mut d, mut m) = (vec![0i8; x.len()], vec![0i8; x.len()]);
+                        quantize_slice::<i8, false>(&x, &mut d, s, zp);
+                        quantize_slice::<i8, true>(&x, &mut m, s, zp);
+                        div = d.iter().map(|&v| v as u8).collect();
+                        mul = m.iter().map(|&v| v as u8).collect();
+                    } else {
+                        quantize_slice::<u8, false>(&x, &mut div, s, zp);
+                        quantize_slice::<u8, true>(&x, &mut mul, s, zp);
+                    }
                     for (i, &v) in x.iter().enumerate() {
                         assert_eq!(div[i], quantize_one::<false>(v, s, p) as u8, "{v} / {s}");
                         assert_eq!(mul[i], quantize_one::<true>(v, s, p) as u8, "{v} * {s}");
@@ -760,24 +767,28 @@ mod tests {
                 ((v * m).round_ties_even() + 10.0).clamp(0.0, 255.0) as u8
             }
         };
+        let run = |op: &Requantize, shape: &[usize]| -> TractResult<Vec<u8>> {
+            let mut out = vec![0u8; acc.len()];
+            op.requantize_into(&acc, shape, &mut out).map(|()| out)
+        };
         // NCHW: channels on axis 1, 20 values each.
-        let got = op(1, &m).requantize(&acc, &[2, 3, 4, 5]).expect("nchw");
+        let got = run(&op(1, &m), &[2, 3, 4, 5]).expect("nchw");
         for (i, (&g, &v)) in got.iter().zip(&acc).enumerate() {
             assert_eq!(g, want(v, m[i / 20 % 3]), "nchw {i}");
         }
         // Channels last (a matrix product's columns).
-        let got = op(-1, &m).requantize(&acc, &[40, 3]).expect("last");
+        let got = run(&op(-1, &m), &[40, 3]).expect("last");
         for (i, (&g, &v)) in got.iter().zip(&acc).enumerate() {
             assert_eq!(g, want(v, m[i % 3]), "last {i}");
         }
         // One multiplier for everything.
-        let got = op(1, &m[..1]).requantize(&acc, &[120]).expect("one");
+        let got = run(&op(1, &m[..1]), &[120]).expect("one");
         for (&g, &v) in got.iter().zip(&acc) {
             assert_eq!(g, want(v, m[0]));
         }
         // Multipliers that fit no axis, and an axis out of range: errors, not panics.
-        assert!(op(1, &m).requantize(&acc, &[2, 4, 15]).is_err());
-        assert!(op(3, &m).requantize(&acc, &[40, 3]).is_err());
+        assert!(run(&op(1, &m), &[2, 4, 15]).is_err());
+        assert!(run(&op(3, &m), &[40, 3]).is_err());
         // An i32 accumulator runs through `eval`, converted to f32 first.
         let acc_i: Vec<i32> = (0..6).map(|i| i * 1000 - 2500).collect();
         let t = Tensor::from_shape(&[1, 3, 2], &acc_i).expect("acc");
@@ -838,17 +849,27 @@ pub(crate) struct QuantizeOrt {
 }
 
 impl QuantizeOrt {
-    fn quantize(&self, x: &[f32], signed: bool) -> Vec<u8> {
-        let mut out = vec![0u8; x.len()];
-        quantize_slice::<false>(
-            x,
-            &mut out,
-            f32::from_bits(self.scale),
-            self.zero_point,
-            signed,
-        );
-        out
+    fn quantize<T: QByte>(&self, x: &[f32], shape: &[usize]) -> TractResult<Tensor> {
+        let (s, zp) = (f32::from_bits(self.scale), self.zero_point);
+        fill::<T>(shape, |out| {
+            quantize_slice::<T, false>(x, out, s, zp);
+            Ok(())
+        })
     }
+}
+
+/// A new tensor of `shape` written by `write` (tract's own allocation: building one from a
+/// `Vec` copies it into aligned storage).
+fn fill<T: Datum>(
+    shape: &[usize],
+    write: impl FnOnce(&mut [T]) -> TractResult<()>,
+) -> TractResult<Tensor> {
+    let mut t = Tensor::zero_dt(T::datum_type(), shape)?;
+    {
+        let mut plain = t.try_as_plain_ram_mut()?;
+        write(plain.as_slice_mut::<T>()?)?;
+    }
+    Ok(t)
 }
 
 /// The bounds `(lo, hi)` of an 8-bit type relative to the zero point, and the integer bias
@@ -881,28 +902,49 @@ fn quantize_one<const MUL: bool>(v: f32, s: f32, (lo, hi, bias): (f32, f32, i32)
 
 /// [`quantize_one`] over a slice into 8-bit codes (two's complement bytes when `signed`),
 /// 16 values per step with SSE2 on x86-64 (the same operations, so the same results).
-fn quantize_slice<const MUL: bool>(x: &[f32], out: &mut [u8], s: f32, zp: i32, signed: bool) {
-    let p = quant_params(zp, signed);
+fn quantize_slice<T: QByte, const MUL: bool>(x: &[f32], out: &mut [T], s: f32, zp: i32) {
+    let p = quant_params(zp, T::SIGNED);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: SSE2 is part of the x86-64 baseline, so every x86-64 CPU has it.
-    let done = unsafe { quantize_sse2::<MUL>(x, out, s, p, signed) };
+    let done = unsafe { quantize_sse2::<T, MUL>(x, out, s, p) };
     #[cfg(not(target_arch = "x86_64"))]
     let done = 0;
     for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
-        *o = quantize_one::<MUL>(v, s, p) as u8;
+        *o = T::narrow(quantize_one::<MUL>(v, s, p));
+    }
+}
+
+/// The 8-bit output types of the quantize kernels.
+pub(crate) trait QByte: Datum + Copy + Default {
+    const SIGNED: bool;
+    /// An integer already in range.
+    fn narrow(v: i32) -> Self;
+}
+
+impl QByte for u8 {
+    const SIGNED: bool = false;
+    fn narrow(v: i32) -> u8 {
+        v as u8
+    }
+}
+
+impl QByte for i8 {
+    const SIGNED: bool = true;
+    fn narrow(v: i32) -> i8 {
+        v as i8
     }
 }
 
 /// [`quantize_slice`] on the first multiple of 16 values; returns how many it did.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse2")]
-fn quantize_sse2<const MUL: bool>(
+fn quantize_sse2<T: QByte, const MUL: bool>(
     x: &[f32],
-    out: &mut [u8],
+    out: &mut [T],
     s: f32,
     (lo, hi, bias): (f32, f32, i32),
-    signed: bool,
 ) -> usize {
+    const { assert!(std::mem::size_of::<T>() == 1) };
     use std::arch::x86_64::*;
     let (vs, vlo, vhi) = (_mm_set1_ps(s), _mm_set1_ps(lo), _mm_set1_ps(hi));
     let (magic, vbias) = (_mm_set1_ps(MAGIC), _mm_set1_epi32(bias));
@@ -921,12 +963,13 @@ fn quantize_sse2<const MUL: bool>(
         // In range already, so the saturating packs only narrow.
         let lo16 = _mm_packs_epi32(four(&c[0..4]), four(&c[4..8]));
         let hi16 = _mm_packs_epi32(four(&c[8..12]), four(&c[12..16]));
-        let bytes = if signed {
+        let bytes = if T::SIGNED {
             _mm_packs_epi16(lo16, hi16)
         } else {
             _mm_packus_epi16(lo16, hi16)
         };
-        // SAFETY: `o` is 16 writable bytes; `storeu` has no alignment requirement.
+        // SAFETY: `o` is 16 writable one-byte values (asserted above); `storeu` has no
+        // alignment requirement.
         unsafe { _mm_storeu_si128(o.as_mut_ptr().cast::<__m128i>(), bytes) };
     }
     x.len().min(out.len()) / 16 * 16
@@ -953,14 +996,11 @@ impl ElementWiseMiniOp for QuantizeOrt {
         let t = t.cast_to::<f32>()?;
         let plain = t.try_as_plain_ram()?;
         let x = plain.as_slice::<f32>()?;
-        let q = self.quantize(x, self.signed);
-        Ok(if self.signed {
-            // Same bytes, read as two's complement (collected in place).
-            let q: Vec<i8> = q.into_iter().map(|b| b as i8).collect();
-            tract_ndarray::ArrayD::from_shape_vec(t.shape(), q)?.into_tensor()
+        if self.signed {
+            self.quantize::<i8>(x, t.shape())
         } else {
-            tract_ndarray::ArrayD::from_shape_vec(t.shape(), q)?.into_tensor()
-        })
+            self.quantize::<u8>(x, t.shape())
+        }
     }
 }
 
@@ -1059,19 +1099,31 @@ impl Requantize {
         ))
     }
 
-    fn requantize(&self, acc: &[f32], shape: &[usize]) -> TractResult<Vec<u8>> {
+    fn requantize<T: QByte>(&self, acc: &[f32], shape: &[usize]) -> TractResult<Tensor> {
+        fill::<T>(shape, |out| self.requantize_into(acc, shape, out))
+    }
+
+    fn requantize_into<T: QByte>(
+        &self,
+        acc: &[f32],
+        shape: &[usize],
+        out: &mut [T],
+    ) -> TractResult<()> {
         let (outer, channels, inner) = self.blocks(shape)?;
+        ensure!(
+            acc.len() == out.len(),
+            "{REQUANTIZE}: accumulator and output sizes differ"
+        );
         let m: Vec<f32> = self.m.iter().map(|&b| f32::from_bits(b)).collect();
-        let mut out = vec![0u8; acc.len()];
         if inner == 1 && channels > 1 {
             // Channels along the last axis (a matrix product's columns).
-            let p = quant_params(self.zero_point, self.signed);
+            let p = quant_params(self.zero_point, T::SIGNED);
             for (o, a) in out
                 .chunks_exact_mut(channels)
                 .zip(acc.chunks_exact(channels))
             {
                 for ((o, &a), &m) in o.iter_mut().zip(a).zip(&m) {
-                    *o = quantize_one::<true>(a, m, p) as u8;
+                    *o = T::narrow(quantize_one::<true>(a, m, p));
                 }
             }
         } else {
@@ -1080,10 +1132,10 @@ impl Requantize {
                 .zip(acc.chunks_exact(inner))
                 .take(outer * channels);
             for (i, (o, a)) in blocks.enumerate() {
-                quantize_slice::<true>(a, o, m[i % channels], self.zero_point, self.signed);
+                quantize_slice::<T, true>(a, o, m[i % channels], self.zero_point);
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -1102,12 +1154,11 @@ impl EvalOp for Requantize {
         let acc = inputs.first().context("FedgeRequantize without input")?;
         let acc = acc.cast_to::<f32>()?;
         let plain = acc.try_as_plain_ram()?;
-        let q = self.requantize(plain.as_slice::<f32>()?, acc.shape())?;
+        let (x, shape) = (plain.as_slice::<f32>()?, acc.shape());
         let t = if self.signed {
-            let q: Vec<i8> = q.into_iter().map(|b| b as i8).collect();
-            tract_ndarray::ArrayD::from_shape_vec(acc.shape(), q)?.into_tensor()
+            self.requantize::<i8>(x, shape)?
         } else {
-            tract_ndarray::ArrayD::from_shape_vec(acc.shape(), q)?.into_tensor()
+            self.requantize::<u8>(x, shape)?
         };
         Ok(tvec!(t.into_tvalue()))
     }
