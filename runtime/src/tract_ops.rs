@@ -1,11 +1,19 @@
-//! Ops fedge adds to tract-onnx's register, and the register every parse goes through.
+//! Ops fedge adds to tract-onnx's register, and the register every parse goes through. All are
+//! written only by fedge's import pipeline (domain `ai.fedge`):
 //!
-//! `FedgeExactDiv` (domain `ai.fedge`, written only by fedge's import pipeline): ONNX `Div` on
-//! floats computed as a true IEEE division. tract 0.23.9 rewrites every float `Div` into a
-//! multiplication by the divisor's reciprocal, which differs from `a / b` by one ulp in about
-//! half of the elements. Where a quantize step follows (a hard-swish `x·relu6(x+3)/6` before
-//! `QuantizeLinear` or `DynamicQuantizeLinear`), the ulp moves values across rounding ties and
-//! the integers differ from onnxruntime's, which divides; deep int8 models amplify that.
+//! - `FedgeExactDiv`: ONNX `Div` on floats computed as a true IEEE division. tract 0.23.9
+//!   rewrites every float `Div` into a multiplication by the divisor's reciprocal, which differs
+//!   from `a / b` by one ulp in about half of the elements. Where a quantize step follows (a
+//!   hard-swish `x·relu6(x+3)/6` before `QuantizeLinear` or `DynamicQuantizeLinear`), the ulp
+//!   moves values across rounding ties and the integers differ from onnxruntime's, which
+//!   divides; deep int8 models amplify that.
+//! - `FedgeQuantizeLinear`, `FedgeRequantize`: `QuantizeLinear` with constant scalar parameters,
+//!   and the requantisation after an exact int8 convolution or matrix product, each one
+//!   vectorised pass computing what onnxruntime computes.
+//! - `FedgeQLinearAdd`, `FedgeGlobalAveragePool`: onnxruntime's arithmetic and summation order.
+//! - `FedgeDynamicQuantizeLinear`: onnxruntime's scale, zero point and quantization in two
+//!   vectorised passes (tract's own op is a tenth of some models' time).
+//! - `FedgeCastNarrow`: `Cast` to 4-/2-bit integers and 8-/4-bit floats (`crate::lowp`).
 
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::BinMiniOp;
@@ -32,6 +40,9 @@ pub(crate) const QUANTIZE_LINEAR: &str = "FedgeQuantizeLinear";
 /// per channel along `axis` (or one for all); attributes `m` (floats), `axis`, `zero_point`
 /// and `signed` (ints).
 pub(crate) const REQUANTIZE: &str = "FedgeRequantize";
+
+/// The op type for `DynamicQuantizeLinear` computed as onnxruntime does (no attributes).
+pub(crate) const DYNAMIC_QUANTIZE_LINEAR: &str = "FedgeDynamicQuantizeLinear";
 
 /// The op type for `Cast` to an ONNX narrow type (`crate::lowp`), attributes `to` (the narrow
 /// ONNX type code) and `saturate` (int, default 1); the output is the type's container.
@@ -102,6 +113,9 @@ pub(crate) fn onnx() -> tract_onnx::Onnx {
             }),
             vec![],
         ))
+    });
+    onnx.op_register.insert(DYNAMIC_QUANTIZE_LINEAR, |_, _| {
+        Ok((Box::new(DynamicQuantizeOrt), vec![]))
     });
     onnx.op_register.insert(GLOBAL_AVERAGE_POOL, |_, _| {
         Ok((Box::new(GlobalAveragePoolOrt), vec![]))
@@ -751,6 +765,28 @@ mod tests {
     }
 
     #[test]
+    fn dynamic_quantize_takes_onnxruntimes_scale_and_zero_point() {
+        // The ONNX node test's input: min -3, max 2 → scale 5/255, zero point 153.
+        let x = [0.0f32, 2.0, -3.0, -2.5, 1.34, 0.5];
+        let (s, zp) = DynamicQuantizeOrt::params(&x);
+        assert_eq!(s, 5.0 / 255.0);
+        assert_eq!(zp, 153);
+        // All positive: the range still includes 0. All zero: scale 1.
+        let long: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 + 1.0).collect();
+        assert_eq!(DynamicQuantizeOrt::params(&long), (19.0 / 255.0, 0));
+        assert_eq!(DynamicQuantizeOrt::params(&[0.0; 20]), (1.0, 0));
+        let t = Tensor::from_shape(&[6], &x).expect("x");
+        let out = DynamicQuantizeOrt
+            .eval(&EvalContext::out_of_plan(), tvec!(t.into_tvalue()))
+            .expect("eval");
+        let y = out[0].try_as_plain_ram().expect("ram");
+        assert_eq!(
+            y.as_slice::<u8>().expect("u8"),
+            &[153, 255, 0, 26, 221, 179]
+        );
+    }
+
+    #[test]
     fn requantize_scales_each_channel_once_and_checks_its_multipliers() {
         let acc: Vec<f32> = probes(2 * 3 * 20).iter().map(|v| v.round()).collect();
         let m = [0.01f32, 0.5, 0.003];
@@ -1192,5 +1228,111 @@ impl TypedOp for Requantize {
             acc.datum_type
         );
         Ok(tvec!(self.out_type().fact(acc.shape.clone())))
+    }
+}
+
+/// `DynamicQuantizeLinear` (uint8) as onnxruntime computes it: `min`/`max` of the input widened
+/// to include 0, `scale = (max - min) / 255` (1 when they are equal), zero point
+/// `round_half_even(clamp(0 - min / scale, 0, 255))`, then `saturate(round_half_even(x / scale)
+/// + zero_point)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct DynamicQuantizeOrt;
+
+impl DynamicQuantizeOrt {
+    /// Scale and zero point of `x`.
+    fn params(x: &[f32]) -> (f32, i32) {
+        let (mut lo, mut hi) = ([0f32; 8], [0f32; 8]);
+        let mut blocks = x.chunks_exact(8);
+        for b in &mut blocks {
+            for k in 0..8 {
+                lo[k] = if b[k] < lo[k] { b[k] } else { lo[k] };
+                hi[k] = if b[k] > hi[k] { b[k] } else { hi[k] };
+            }
+        }
+        let (mut min, mut max) = (0f32, 0f32);
+        for &v in lo.iter().chain(blocks.remainder()) {
+            min = if v < min { v } else { min };
+        }
+        for &v in hi.iter().chain(blocks.remainder()) {
+            max = if v > max { v } else { max };
+        }
+        let scale = if max == min { 1.0 } else { (max - min) / 255.0 };
+        let zp = (0.0 - min / scale).clamp(0.0, 255.0).round_ties_even();
+        (scale, zp as i32)
+    }
+}
+
+impl Op for DynamicQuantizeOrt {
+    fn name(&self) -> StaticName {
+        DYNAMIC_QUANTIZE_LINEAR.into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DynamicQuantizeOrt {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs
+            .first()
+            .context("DynamicQuantizeLinear without input")?;
+        let plain = x.try_as_plain_ram()?;
+        let xs = plain.as_slice::<f32>()?;
+        let (scale, zp) = Self::params(xs);
+        let y = fill::<u8>(x.shape(), |out| {
+            quantize_slice::<u8, false>(xs, out, scale, zp);
+            Ok(())
+        })?;
+        Ok(tvec!(
+            y.into_tvalue(),
+            tensor0(scale).into_tvalue(),
+            tensor0(zp as u8).into_tvalue()
+        ))
+    }
+}
+
+impl InferenceRulesOp for DynamicQuantizeOrt {
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 3)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, u8::datum_type())?;
+        s.equals(&outputs[1].datum_type, f32::datum_type())?;
+        s.equals(&outputs[2].datum_type, u8::datum_type())?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        s.equals(&outputs[1].rank, 0)?;
+        s.equals(&outputs[2].rank, 0)
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        Ok(3)
+    }
+
+    as_op!();
+    to_typed!();
+}
+
+impl TypedOp for DynamicQuantizeOrt {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs
+            .first()
+            .context("DynamicQuantizeLinear without input")?;
+        ensure!(
+            x.datum_type == f32::datum_type(),
+            "{DYNAMIC_QUANTIZE_LINEAR} quantizes float32 only"
+        );
+        Ok(tvec!(
+            u8::fact(x.shape.clone()),
+            f32::scalar_fact(),
+            u8::scalar_fact()
+        ))
     }
 }

@@ -16,7 +16,9 @@ use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{GraphProto, TensorProto};
 
 use super::graph::{INT8, UINT8, const_f32, constants, f32_tensor, float_attr, int_attr, node};
-use crate::tract_ops::{EXACT_DIV, GLOBAL_AVERAGE_POOL, QLINEAR_ADD, QUANTIZE_LINEAR};
+use crate::tract_ops::{
+    DYNAMIC_QUANTIZE_LINEAR, EXACT_DIV, GLOBAL_AVERAGE_POOL, QLINEAR_ADD, QUANTIZE_LINEAR,
+};
 
 /// ONNX element types of the floats: float, float16, double, bfloat16.
 const FLOATS: [i32; 4] = [1, 10, 11, 16];
@@ -191,6 +193,27 @@ pub(super) fn quantize(g: &mut GraphProto, report: &mut Vec<String>) {
         report.push(format!(
             "quantized {} QuantizeLinear through true divisions by their scales",
             fused + divided
+        ));
+    }
+}
+
+/// `DynamicQuantizeLinear` as `FedgeDynamicQuantizeLinear` (onnxruntime's arithmetic in two
+/// vectorised passes).
+pub(super) fn dynamic_quantize(g: &mut GraphProto, report: &mut Vec<String>) {
+    let mut count = 0usize;
+    for n in g.node.iter_mut().filter(|n| {
+        n.op_type == "DynamicQuantizeLinear"
+            && n.domain.is_empty()
+            && n.input.len() == 1
+            && n.output.len() == 3
+    }) {
+        n.op_type = DYNAMIC_QUANTIZE_LINEAR.into();
+        n.domain = "ai.fedge".into();
+        count += 1;
+    }
+    if count > 0 {
+        report.push(format!(
+            "computed {count} DynamicQuantizeLinear as onnxruntime does, in two passes each"
         ));
     }
 }

@@ -10,8 +10,9 @@
 //!   exact float arithmetic;
 //! - `qexact`: int8 convolutions and matrix products with constant kernels on float kernels,
 //!   with exact integer sums;
-//! - `exactdiv` (also ONNX-exact `QuantizeLinear`, `QLinearAdd`, `GlobalAveragePool`): float divisions of quantized graphs computed as divisions (tract multiplies by
-//!   reciprocals);
+//! - `exactdiv`: onnxruntime's arithmetic where tract's differs, in graphs that quantize: float
+//!   divisions as divisions (tract multiplies by reciprocals), one-pass `QuantizeLinear`,
+//!   `QLinearAdd` and `GlobalAveragePool`;
 //! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
 //!   wrong rewritten into exact float arithmetic.
 
@@ -89,6 +90,7 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
             if exactdiv::quantizes(graph) {
                 exactdiv::rewrite(graph, &mut report);
                 exactdiv::quantize(graph, &mut report);
+                exactdiv::dynamic_quantize(graph, &mut report);
                 exactdiv::global_average_pool(graph, &mut report);
             }
         }

@@ -9,13 +9,14 @@
 //! range, and only then replaces the node by
 //!
 //! ```text
-//! DequantizeLinear(x, 1, x_zp) → Conv/MatMul(·, w - w_zp [, bias]) → Mul(·, x_s·w_s/y_s)
-//!     → QuantizeLinear(·, 1, y_zp)
+//! DequantizeLinear(x, 1, x_zp) → Conv/MatMul(·, w - w_zp [, bias]) → FedgeRequantize(m, y_zp)
 //! ```
 //!
-//! which is onnxruntime's requantisation (`round_half_even(acc · (x_s · w_s / y_s)) + y_zp`,
-//! saturated) applied to the exact accumulator. Nodes that fail the bound, or whose scales, zero
-//! points or kernel are not constants, keep tract's integer kernels.
+//! where `FedgeRequantize` is onnxruntime's requantisation in one pass
+//! (`saturate(round_half_even(acc · m[c]) + y_zp)` with `m[c] = x_s · w_s[c] / y_s`, saturated)
+//! applied to the exact accumulator. Sums that could pass 2^24 are split into exact slices
+//! added in i32, and a bias past 2^24 joins in i32. Nodes that fail the bound, or whose scales,
+//! zero points or kernel are not constants, keep tract's integer kernels.
 
 use std::collections::HashMap;
 
