@@ -169,10 +169,7 @@ fn exact(
         .map(|v| v.0)
         .unwrap_or_else(|| vec![0.0]);
     // Output channels: Conv's first kernel axis, MatMul's last (after any batch axes).
-    let (channels, k, batches) = kernel_axes(conv, &w_shape)?;
-    if w.len() != channels * k * batches {
-        return None;
-    }
+    let (channels, _, batches) = kernel_axes(conv, &w_shape)?;
     let per = |v: &[f32], c: usize| -> Option<f32> {
         match v.len() {
             1 => Some(v[0]),
@@ -199,29 +196,12 @@ fn exact(
         None
     };
     // The kernel minus its zero point, in the float op's layout, and the bound per channel.
-    let mut wf = vec![0f32; w.len()];
+    let (wf, sums) = centred_kernel(&w, &w_shape, &w_zp, conv)?;
     let mut m = Vec::with_capacity(channels);
     // `fits`: sums and bias within 2^24; `fits_sums`: the sums alone (the bias then joins in
     // i32, where onnxruntime adds it too; quantizers clip biases near ±2^31).
     let (mut fits, mut fits_sums) = (true, true);
-    for c in 0..channels {
-        let zp = per64(&w_zp, c)?;
-        // The largest sum over the kernel's batch slices (one for Conv and 2-D MatMul).
-        let mut sum = 0f64;
-        for batch in 0..batches {
-            let mut s = 0f64;
-            for j in 0..k {
-                let at = if conv {
-                    c * k + j
-                } else {
-                    (batch * k + j) * channels + c
-                };
-                let v = w[at] - zp;
-                wf[at] = v as f32;
-                s += v.abs();
-            }
-            sum = sum.max(s);
-        }
+    for (c, &sum) in sums.iter().enumerate() {
         let b = bias.as_ref().map_or(Some(0.0), |b| per64(b, c))?;
         fits &= sum * x_max + b.abs() < EXACT;
         fits_sums &= sum * x_max < EXACT;
@@ -455,22 +435,23 @@ fn slice_kernel(
     }
 }
 
-/// The kernel minus its zero points, as f32 in the kernel's own layout, and the largest sum of
-/// absolute values over one output channel; `None` if a zero point's length fits neither a
-/// scalar nor one per output channel, or the kernel's rank fits neither op.
+/// The kernel minus its zero points, as f32 in the kernel's own layout, and per output channel
+/// the largest sum of its absolute values (over the kernel's batch slices, one for Conv and 2-D
+/// MatMul); `None` if a zero point's length fits neither a scalar nor one per output channel,
+/// or the kernel's rank or size fits neither op.
 fn centred_kernel(
     w: &[f64],
     w_shape: &[usize],
     w_zp: &[f64],
     conv: bool,
-) -> Option<(Vec<f32>, f64)> {
+) -> Option<(Vec<f32>, Vec<f64>)> {
     let (channels, k, batches) = kernel_axes(conv, w_shape)?;
     if w.len() != channels * k * batches {
         return None;
     }
     let mut wf = vec![0f32; w.len()];
-    let mut worst = 0f64;
-    for c in 0..channels {
+    let mut sums = vec![0f64; channels];
+    for (c, worst) in sums.iter_mut().enumerate() {
         let zp = match w_zp.len() {
             1 => w_zp[0],
             l if l == channels => w_zp[c],
@@ -488,10 +469,10 @@ fn centred_kernel(
                 wf[at] = v as f32;
                 sum += v.abs();
             }
-            worst = worst.max(sum);
+            *worst = worst.max(sum);
         }
     }
-    Some((wf, worst))
+    Some((wf, sums))
 }
 
 /// A kernel's output channels, reduction length and batch count: Conv's `[C, C_in/g, k...]`,
@@ -552,7 +533,8 @@ fn integer(
     } else {
         values(consts, input(3))?.0
     };
-    let (wf, worst) = centred_kernel(&w, &w_shape, &w_zp, conv)?;
+    let (wf, sums) = centred_kernel(&w, &w_shape, &w_zp, conv)?;
+    let worst = sums.iter().fold(0f64, |a, &b| a.max(b));
     if worst * x_max >= EXACT {
         return None;
     }
