@@ -26,6 +26,7 @@
 
 mod backend;
 mod cpu;
+mod dwconv;
 mod error;
 #[cfg(feature = "gpu")]
 pub mod gpu;

@@ -13,6 +13,7 @@
 //! - `FedgeQLinearAdd`, `FedgeGlobalAveragePool`: onnxruntime's arithmetic and summation order.
 //! - `FedgeDynamicQuantizeLinear`: onnxruntime's scale, zero point and quantization in two
 //!   vectorised passes (tract's own op is a tenth of some models' time).
+//! - `FedgeDepthwiseConv`: depthwise convolutions (`crate::dwconv`).
 //! - `FedgeCastNarrow`: `Cast` to 4-/2-bit integers and 8-/4-bit floats (`crate::lowp`).
 
 use tract_onnx::tract_core::internal::*;
@@ -117,6 +118,13 @@ pub(crate) fn onnx() -> tract_onnx::Onnx {
     onnx.op_register.insert(DYNAMIC_QUANTIZE_LINEAR, |_, _| {
         Ok((Box::new(DynamicQuantizeOrt), vec![]))
     });
+    onnx.op_register
+        .insert(crate::dwconv::DEPTHWISE_CONV, |_, node| {
+            Ok((
+                Box::new(crate::dwconv::DepthwiseConv::from_node(node)?),
+                vec![],
+            ))
+        });
     onnx.op_register.insert(GLOBAL_AVERAGE_POOL, |_, _| {
         Ok((Box::new(GlobalAveragePoolOrt), vec![]))
     });

@@ -13,9 +13,12 @@
 //! - `exactdiv`: onnxruntime's arithmetic where tract's differs, in graphs that quantize: float
 //!   divisions as divisions (tract multiplies by reciprocals), one-pass `QuantizeLinear`,
 //!   `QLinearAdd` and `GlobalAveragePool`;
+//! - `depthwise`: float depthwise convolutions on fedge's kernel, with the batch norm after
+//!   them folded in (CPU backend);
 //! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
 //!   wrong rewritten into exact float arithmetic.
 
+mod depthwise;
 mod exactdiv;
 mod fold;
 pub(crate) mod graph;
@@ -93,6 +96,9 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
                 exactdiv::dynamic_quantize(graph, &mut report);
                 exactdiv::global_average_pool(graph, &mut report);
             }
+        }
+        if opts.backend == "cpu" {
+            depthwise::rewrite(graph, &mut report);
         }
     }
     fold::fold_ifs(&mut proto, &mut report);
