@@ -14,6 +14,7 @@
 //! - `FedgeDynamicQuantizeLinear`: onnxruntime's scale, zero point and quantization in two
 //!   vectorised passes (tract's own op is a tenth of some models' time).
 //! - `FedgeDepthwiseConv`: depthwise convolutions (`crate::dwconv`).
+//! - `FedgeLookup`: an 8-bit to 8-bit element-wise chain as a 256-entry table.
 //! - `FedgeCastNarrow`: `Cast` to 4-/2-bit integers and 8-/4-bit floats (`crate::lowp`).
 
 use tract_onnx::tract_core::internal::*;
@@ -44,6 +45,10 @@ pub(crate) const REQUANTIZE: &str = "FedgeRequantize";
 
 /// The op type for `DynamicQuantizeLinear` computed as onnxruntime does (no attributes).
 pub(crate) const DYNAMIC_QUANTIZE_LINEAR: &str = "FedgeDynamicQuantizeLinear";
+
+/// The op type for an 8-bit to 8-bit element-wise chain run as a table lookup, attributes
+/// `table` (256 ints, indexed by the input's byte) and `signed` (int: the output type).
+pub(crate) const LOOKUP: &str = "FedgeLookup";
 
 /// The op type for `Cast` to an ONNX narrow type (`crate::lowp`), attributes `to` (the narrow
 /// ONNX type code) and `saturate` (int, default 1); the output is the type's container.
@@ -117,6 +122,26 @@ pub(crate) fn onnx() -> tract_onnx::Onnx {
     });
     onnx.op_register.insert(DYNAMIC_QUANTIZE_LINEAR, |_, _| {
         Ok((Box::new(DynamicQuantizeOrt), vec![]))
+    });
+    onnx.op_register.insert(LOOKUP, |_, node| {
+        let table = node
+            .get_attr_opt_tvec::<i64>("table")?
+            .with_context(|| format!("{LOOKUP} without its `table` attribute"))?;
+        let signed = node.get_attr_opt::<i64>("signed")?.unwrap_or(0) != 0;
+        let (lo, hi) = if signed { (-128, 127) } else { (0, 255) };
+        ensure!(
+            table.len() == 256 && table.iter().all(|v| (lo..=hi).contains(v)),
+            "{LOOKUP}: the table must hold 256 values of the output type"
+        );
+        Ok((
+            tract_onnx::tract_hir::ops::expandable::expand(
+                tract_onnx::tract_hir::ops::element_wise::ElementWiseOp(Box::new(Lookup {
+                    table: table.iter().map(|&v| v as u8).collect(),
+                    signed,
+                })),
+            ),
+            vec![],
+        ))
     });
     onnx.op_register
         .insert(crate::dwconv::DEPTHWISE_CONV, |_, node| {
@@ -1342,5 +1367,63 @@ impl TypedOp for DynamicQuantizeOrt {
             f32::scalar_fact(),
             u8::scalar_fact()
         ))
+    }
+}
+
+/// An 8-bit to 8-bit element-wise function as a table (`crate::import` builds it by running
+/// the chain it replaces on all 256 codes). Output bytes are the output type's bits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Lookup {
+    pub table: Vec<u8>,
+    pub signed: bool,
+}
+
+impl Lookup {
+    fn apply<O: Datum + Copy>(&self, t: &Tensor, cast: impl Fn(u8) -> O) -> TractResult<Tensor> {
+        let table: Vec<O> = self.table.iter().map(|&b| cast(b)).collect();
+        let plain = t.try_as_plain_ram()?;
+        match t.datum_type().unquantized() {
+            DatumType::U8 => {
+                let x = plain.as_slice::<u8>()?;
+                fill::<O>(t.shape(), |out| {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        *o = table[v as usize];
+                    }
+                    Ok(())
+                })
+            }
+            DatumType::I8 => {
+                let x = plain.as_slice::<i8>()?;
+                fill::<O>(t.shape(), |out| {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        *o = table[v as u8 as usize];
+                    }
+                    Ok(())
+                })
+            }
+            other => bail!("{LOOKUP} reads 8-bit integers, not {other:?}"),
+        }
+    }
+}
+
+impl ElementWiseMiniOp for Lookup {
+    fn name(&self) -> String {
+        LOOKUP.into()
+    }
+
+    fn output_type(&self, _input_type: DatumType) -> Option<DatumType> {
+        Some(if self.signed {
+            DatumType::I8
+        } else {
+            DatumType::U8
+        })
+    }
+
+    fn eval_out_of_place(&self, t: &Tensor, _out_dt: Option<DatumType>) -> TractResult<Tensor> {
+        if self.signed {
+            self.apply::<i8>(t, |b| b as i8)
+        } else {
+            self.apply::<u8>(t, |b| b)
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto};
 
-use super::graph::{FLOAT, attr, attr_f, attr_i, const_f32, constants, f32_tensor};
+use super::graph::{FLOAT, attr, attr_f, attr_i, const_f32, constants, f32_tensor, ints_attr};
 use crate::dwconv::DEPTHWISE_CONV;
 
 /// A depthwise filter and bias being built.
@@ -36,15 +36,6 @@ impl Filter {
 
 fn ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
     attr(n, name).map(|a| a.ints.clone())
-}
-
-fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: tract_onnx::pb::attribute_proto::AttributeType::Ints as i32,
-        ints: v.to_vec(),
-        ..Default::default()
-    }
 }
 
 /// A per-channel constant of `channels` values (`[C]`, `[C, 1, 1]`, `[1, C, 1, 1]`, or one

@@ -112,6 +112,15 @@ pub(crate) fn int_attr(name: &str, v: i64) -> AttributeProto {
     }
 }
 
+pub(crate) fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
 pub(crate) fn float_attr(name: &str, v: f32) -> AttributeProto {
     AttributeProto {
         name: name.into(),

@@ -15,6 +15,8 @@
 //!   `QLinearAdd` and `GlobalAveragePool`;
 //! - `depthwise`: float depthwise convolutions on fedge's kernel, with the batch norm after
 //!   them folded in (CPU backend);
+//! - `lut`: 8-bit to 8-bit element-wise chains (dequantize, activation, quantize) as table
+//!   lookups (CPU backend);
 //! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
 //!   wrong rewritten into exact float arithmetic.
 
@@ -22,6 +24,7 @@ mod depthwise;
 mod exactdiv;
 mod fold;
 pub(crate) mod graph;
+mod lut;
 mod msft;
 mod narrow;
 mod qdq;
@@ -70,6 +73,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ModelProto> {
 pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
     let mut proto = decode(bytes)?;
     let mut report = Vec::new();
+    let opset = proto.opset_import.clone();
     let graph = proto
         .graph
         .as_mut()
@@ -96,6 +100,7 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
                 exactdiv::dynamic_quantize(graph, &mut report);
                 exactdiv::global_average_pool(graph, &mut report);
             }
+            lut::rewrite(graph, &opset, &mut report);
         }
         if opts.backend == "cpu" {
             depthwise::rewrite(graph, &mut report);
