@@ -14,6 +14,7 @@
 //! - `FedgeDynamicQuantizeLinear`: onnxruntime's scale, zero point and quantization in two
 //!   vectorised passes (tract's own op is a tenth of some models' time).
 //! - `FedgeDepthwiseConv`: depthwise convolutions (`crate::dwconv`).
+//! - `FedgeScaleBias`: the dynamic quantizer's scale and bias after an integer accumulator.
 //! - `FedgeLookup`: an 8-bit to 8-bit element-wise chain as a 256-entry table.
 //! - `FedgeCastNarrow`: `Cast` to 4-/2-bit integers and 8-/4-bit floats (`crate::lowp`).
 
@@ -49,6 +50,11 @@ pub(crate) const DYNAMIC_QUANTIZE_LINEAR: &str = "FedgeDynamicQuantizeLinear";
 /// The op type for an 8-bit to 8-bit element-wise chain run as a table lookup, attributes
 /// `table` (256 ints, indexed by the input's byte) and `signed` (int: the output type).
 pub(crate) const LOOKUP: &str = "FedgeLookup";
+
+/// The op type for `x · s + b[c]` on an integer accumulator held in f32: input `x` and, when
+/// scaled, a one-element `s`; attributes `bias` (floats: one, or one per channel along
+/// `axis`, or none) and `axis`.
+pub(crate) const SCALE_BIAS: &str = "FedgeScaleBias";
 
 /// The op type for `Cast` to an ONNX narrow type (`crate::lowp`), attributes `to` (the narrow
 /// ONNX type code) and `saturate` (int, default 1); the output is the type's container.
@@ -122,6 +128,22 @@ pub(crate) fn onnx() -> tract_onnx::Onnx {
     });
     onnx.op_register.insert(DYNAMIC_QUANTIZE_LINEAR, |_, _| {
         Ok((Box::new(DynamicQuantizeOrt), vec![]))
+    });
+    onnx.op_register.insert(SCALE_BIAS, |_, node| {
+        let bias = node.get_attr_opt_tvec::<f32>("bias")?.unwrap_or_default();
+        Ok((
+            Box::new(ScaleBias {
+                bias: bias.iter().map(|v| v.to_bits()).collect(),
+                axis: node.get_attr_opt::<i64>("axis")?.unwrap_or(1),
+                scaled: node.input.len() > 1,
+                hard_swish: match node.get_attr_opt_tvec::<f32>("hard_swish")? {
+                    Some(v) if v.len() == 2 => Some([v[0].to_bits(), v[1].to_bits()]),
+                    Some(_) => bail!("{SCALE_BIAS}: `hard_swish` takes alpha and beta"),
+                    None => None,
+                },
+            }),
+            vec![],
+        ))
     });
     onnx.op_register.insert(LOOKUP, |_, node| {
         let table = node
@@ -1425,5 +1447,215 @@ impl ElementWiseMiniOp for Lookup {
         } else {
             self.apply::<u8>(t, |b| b)
         }
+    }
+}
+
+/// `x · s + b[c]` (each step rounded in f32, as the `Mul` and `Add` it replaces): see
+/// `crate::import`'s `scalebias`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ScaleBias {
+    /// Bias (f32 bits): none, one, or one per channel along `axis`.
+    pub bias: Vec<u32>,
+    pub axis: i64,
+    /// Whether a one-element scale is the second input.
+    pub scaled: bool,
+    /// `y · clamp(α·y + β, 0, 1)` after the bias (f32 bits of α and β).
+    pub hard_swish: Option<[u32; 2]>,
+}
+
+impl ScaleBias {
+    fn run(&self, x: &[f32], shape: &[usize], s: Option<f32>) -> TractResult<Tensor> {
+        let bias: Vec<f32> = self.bias.iter().map(|&b| f32::from_bits(b)).collect();
+        let rank = shape.len() as i64;
+        let axis = if self.axis < 0 {
+            self.axis + rank
+        } else {
+            self.axis
+        };
+        ensure!(
+            (0..rank).contains(&axis),
+            "{SCALE_BIAS}: axis {} out of range for rank {rank}",
+            self.axis
+        );
+        let axis = axis as usize;
+        let channels = shape[axis];
+        ensure!(
+            bias.len() <= 1 || bias.len() == channels,
+            "{SCALE_BIAS}: {} bias values for {channels} channels",
+            bias.len()
+        );
+        let inner: usize = shape[axis + 1..].iter().product();
+        fill::<f32>(shape, |out| {
+            if inner == 0 || channels == 0 {
+                return Ok(());
+            }
+            let block = inner * channels;
+            for (o, x) in out.chunks_exact_mut(block).zip(x.chunks_exact(block)) {
+                for (c, (o, x)) in o
+                    .chunks_exact_mut(inner)
+                    .zip(x.chunks_exact(inner))
+                    .enumerate()
+                {
+                    let b = match bias.len() {
+                        0 => None,
+                        1 => Some(bias[0]),
+                        _ => Some(bias[c]),
+                    };
+                    let h = self
+                        .hard_swish
+                        .map(|[a, b]| (f32::from_bits(a), f32::from_bits(b)));
+                    let (sv, bv, (ha, hb)) =
+                        (s.unwrap_or(1.0), b.unwrap_or(0.0), h.unwrap_or((0.0, 0.0)));
+                    match (s.is_some(), b.is_some(), h.is_some()) {
+                        (true, true, true) => epilogue::<true, true, true>(o, x, sv, bv, ha, hb),
+                        (true, true, false) => epilogue::<true, true, false>(o, x, sv, bv, ha, hb),
+                        (true, false, true) => epilogue::<true, false, true>(o, x, sv, bv, ha, hb),
+                        (true, false, false) => {
+                            epilogue::<true, false, false>(o, x, sv, bv, ha, hb)
+                        }
+                        (false, true, true) => epilogue::<false, true, true>(o, x, sv, bv, ha, hb),
+                        (false, true, false) => {
+                            epilogue::<false, true, false>(o, x, sv, bv, ha, hb)
+                        }
+                        (false, false, true) => {
+                            epilogue::<false, false, true>(o, x, sv, bv, ha, hb)
+                        }
+                        (false, false, false) => o.copy_from_slice(x),
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `o = hswish(x · s + b)` with each step optional and rounded in f32 as tract's separate
+/// ops round it; the clamps are written as comparisons so that the loop vectorises (for NaN
+/// and every other input they pick what tract's `Min`/`Max` pick, up to the sign of zero).
+#[inline(always)]
+fn epilogue<const S: bool, const B: bool, const H: bool>(
+    o: &mut [f32],
+    x: &[f32],
+    s: f32,
+    b: f32,
+    ha: f32,
+    hb: f32,
+) {
+    #[inline(always)]
+    fn one<const S: bool, const B: bool, const H: bool>(
+        x: f32,
+        s: f32,
+        b: f32,
+        ha: f32,
+        hb: f32,
+    ) -> f32 {
+        let mut v = x;
+        if S {
+            v *= s;
+        }
+        if B {
+            v += b;
+        }
+        if H {
+            let t = v * ha + hb;
+            let t = if t < 1.0 { t } else { 1.0 };
+            let t = if t > 0.0 { t } else { 0.0 };
+            v *= t;
+        }
+        v
+    }
+    let n = o.len().min(x.len());
+    // SSE is baseline on x86-64; LLVM leaves this loop scalar there.
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the intrinsics need SSE only, which x86-64 always has; every load and store is
+    // at `i + 4 <= done`, within both slices.
+    let done = unsafe {
+        use std::arch::x86_64::*;
+        let done = n / 4 * 4;
+        let (sv, bv) = (_mm_set1_ps(s), _mm_set1_ps(b));
+        let (hav, hbv) = (_mm_set1_ps(ha), _mm_set1_ps(hb));
+        let (one_v, zero) = (_mm_set1_ps(1.0), _mm_setzero_ps());
+        for i in (0..done).step_by(4) {
+            let mut v = _mm_loadu_ps(x.as_ptr().add(i));
+            if S {
+                v = _mm_mul_ps(v, sv);
+            }
+            if B {
+                v = _mm_add_ps(v, bv);
+            }
+            if H {
+                // minps/maxps return the second operand on NaN, as the comparisons above.
+                let t = _mm_add_ps(_mm_mul_ps(v, hav), hbv);
+                let t = _mm_max_ps(_mm_min_ps(t, one_v), zero);
+                v = _mm_mul_ps(v, t);
+            }
+            _mm_storeu_ps(o.as_mut_ptr().add(i), v);
+        }
+        done
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (o, &x) in o[done..n].iter_mut().zip(&x[done..n]) {
+        *o = one::<S, B, H>(x, s, b, ha, hb);
+    }
+}
+
+impl Op for ScaleBias {
+    fn name(&self) -> StaticName {
+        SCALE_BIAS.into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ScaleBias {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs.first().context("FedgeScaleBias without input")?;
+        let x = x.cast_to::<f32>()?;
+        let s = match (self.scaled, inputs.get(1)) {
+            (true, Some(s)) => {
+                ensure!(
+                    s.len() == 1,
+                    "{SCALE_BIAS}: the scale has {} values, not one",
+                    s.len()
+                );
+                let s = s.cast_to::<f32>()?;
+                let plain = s.try_as_plain_ram()?;
+                Some(plain.as_slice::<f32>()?[0])
+            }
+            (true, None) => bail!("{SCALE_BIAS} without its scale"),
+            (false, _) => None,
+        };
+        let plain = x.try_as_plain_ram()?;
+        let t = self.run(plain.as_slice::<f32>()?, x.shape(), s)?;
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl InferenceRulesOp for ScaleBias {
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1 + self.scaled as usize)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)
+    }
+
+    as_op!();
+    to_typed!();
+}
+
+impl TypedOp for ScaleBias {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs.first().context("FedgeScaleBias without input")?;
+        Ok(tvec!(f32::fact(x.shape.clone())))
     }
 }

@@ -17,6 +17,8 @@
 //!   them folded in (CPU backend);
 //! - `lut`: 8-bit to 8-bit element-wise chains (dequantize, activation, quantize) as table
 //!   lookups (CPU backend);
+//! - `scalebias`: the dynamic quantizer's casts, scale and bias after an integer accumulator
+//!   in one pass (CPU backend);
 //! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
 //!   wrong rewritten into exact float arithmetic.
 
@@ -30,6 +32,7 @@ mod narrow;
 mod qdq;
 mod qexact;
 mod qfloat;
+mod scalebias;
 mod shapes;
 
 use std::collections::BTreeSet;
@@ -101,6 +104,7 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
                 exactdiv::global_average_pool(graph, &mut report);
             }
             lut::rewrite(graph, &opset, &mut report);
+            scalebias::rewrite(graph, &mut report);
         }
         if opts.backend == "cpu" {
             depthwise::rewrite(graph, &mut report);
