@@ -1515,30 +1515,42 @@ pub(crate) struct Lookup {
 }
 
 impl Lookup {
-    fn apply<O: Datum + Copy>(&self, t: &Tensor, cast: impl Fn(u8) -> O) -> TractResult<Tensor> {
-        let table: Vec<O> = self.table.iter().map(|&b| cast(b)).collect();
+    fn apply<O: Datum + Copy>(&self, t: &Tensor) -> TractResult<Tensor> {
+        let mut table = [0u8; 256];
+        ensure!(
+            self.table.len() == 256,
+            "{LOOKUP}: a table of {} entries",
+            self.table.len()
+        );
+        table.copy_from_slice(&self.table);
         let plain = t.try_as_plain_ram()?;
-        match t.datum_type().unquantized() {
-            DatumType::U8 => {
-                let x = plain.as_slice::<u8>()?;
-                fill::<O>(t.shape(), |out| {
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        *o = table[v as usize];
-                    }
-                    Ok(())
-                })
-            }
+        let x: &[u8] = match t.datum_type().unquantized() {
+            DatumType::U8 => plain.as_slice::<u8>()?,
             DatumType::I8 => {
                 let x = plain.as_slice::<i8>()?;
-                fill::<O>(t.shape(), |out| {
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        *o = table[v as u8 as usize];
-                    }
-                    Ok(())
-                })
+                // SAFETY: i8 and u8 have the same size and alignment; the index is the bits.
+                unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len()) }
             }
             other => bail!("{LOOKUP} reads 8-bit integers, not {other:?}"),
+        };
+        // SAFETY: every element is written below; O is a one-byte integer type (the table's
+        // bytes are its bits).
+        let mut out = unsafe { Tensor::uninitialized::<O>(t.shape())? };
+        {
+            let mut plain = out.try_as_plain_ram_mut()?;
+            let o = plain.as_slice_mut::<O>()?;
+            ensure!(
+                std::mem::size_of::<O>() == 1 && o.len() == x.len(),
+                "{LOOKUP}: sizes"
+            );
+            // SAFETY: as above, `o` is `x.len()` one-byte values.
+            let o = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr() as *mut u8, o.len()) };
+            // A u8 index into a 256-entry array needs no bounds check.
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = table[v as usize];
+            }
         }
+        Ok(out)
     }
 }
 
@@ -1557,9 +1569,9 @@ impl ElementWiseMiniOp for Lookup {
 
     fn eval_out_of_place(&self, t: &Tensor, _out_dt: Option<DatumType>) -> TractResult<Tensor> {
         if self.signed {
-            self.apply::<i8>(t, |b| b as i8)
+            self.apply::<i8>(t)
         } else {
-            self.apply::<u8>(t, |b| b)
+            self.apply::<u8>(t)
         }
     }
 }

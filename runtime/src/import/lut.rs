@@ -23,7 +23,7 @@ use tract_onnx::prelude::InferenceModelExt;
 use tract_onnx::tract_core::internal::*;
 
 use super::graph::{INT8, UINT8, constants, int_attr, node, producers};
-use crate::tract_ops::{EXACT_DIV, LOOKUP, QUANTIZE_LINEAR};
+use crate::tract_ops::{EXACT_DIV, LOOKUP, QLINEAR_ADD, QUANTIZE_LINEAR};
 
 /// Element-wise ops: each output element depends on the same element of the inputs only
 /// (with scalar constants for the other operands).
@@ -67,14 +67,15 @@ fn elementwise(n: &tract_onnx::pb::NodeProto) -> bool {
                     .iter()
                     .any(|a| a.name == "block_size" || a.name == "output_dtype")
         }
-        "ai.fedge" => n.op_type == QUANTIZE_LINEAR || n.op_type == EXACT_DIV,
+        "ai.fedge" => [QUANTIZE_LINEAR, EXACT_DIV, QLINEAR_ADD].contains(&n.op_type.as_str()),
         _ => false,
     }
 }
 
+/// Nodes whose output is 8-bit: where a chain can end.
 fn is_quantize(n: &tract_onnx::pb::NodeProto) -> bool {
     (n.op_type == "QuantizeLinear" && n.domain.is_empty())
-        || (n.op_type == QUANTIZE_LINEAR && n.domain == "ai.fedge")
+        || ((n.op_type == QUANTIZE_LINEAR || n.op_type == QLINEAR_ADD) && n.domain == "ai.fedge")
 }
 
 /// A scalar constant (no broadcasting that could change the chain's shape).
@@ -123,17 +124,27 @@ fn walk(
                 && producers
                     .get(input)
                     .is_some_and(|&p| elementwise(&g.node[p]) && !g.node[p].input.is_empty());
-            if n.op_type == "DequantizeLinear" && k == 0 && !consts.contains_key(input) && !through
-            {
+            // An 8-bit value read as such: dequantized, or added in onnxruntime's
+            // `QLinearAdd` arithmetic to a scalar constant.
+            let reads_bytes = n.op_type == "DequantizeLinear" || n.op_type == QLINEAR_ADD;
+            if reads_bytes && k == 0 && !consts.contains_key(input) && !through {
                 if !n.input[1..]
                     .iter()
                     .all(|p| p.is_empty() || scalar(consts, p))
                 {
                     return None;
                 }
-                let ty = match n.input.get(2).filter(|z| !z.is_empty()) {
-                    Some(z) => consts.get(z)?.data_type,
-                    None => UINT8,
+                let ty = if n.op_type == QLINEAR_ADD {
+                    match super::graph::attr_i(n, "signed") {
+                        Some(0) => UINT8,
+                        Some(_) => INT8,
+                        None => return None,
+                    }
+                } else {
+                    match n.input.get(2).filter(|z| !z.is_empty()) {
+                        Some(z) => consts.get(z)?.data_type,
+                        None => UINT8,
+                    }
                 };
                 if ty != INT8 && ty != UINT8 {
                     return None;
@@ -264,49 +275,71 @@ pub(super) fn rewrite(g: &mut GraphProto, opset: &[OperatorSetIdProto], report: 
     let (mut done, mut folded) = (0usize, 0usize);
     let before = g.node.len();
     remove_dead(g);
-    // Last quantize first: a chain swallows the quantizes inside it, which then have no
-    // readers left.
-    let mut i = g.node.len();
-    while i > 0 {
-        i -= 1;
-        if i >= g.node.len() || !is_quantize(&g.node[i]) {
+    let producers = producers(g);
+    let graph_outputs: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    // Readers left of each value, and the nodes dropped so far (indices stay valid: the
+    // graph is compacted once at the end).
+    let mut readers: HashMap<String, usize> = super::graph::consumers(g)
+        .into_iter()
+        .map(|(k, v)| (k, v.len()))
+        .collect();
+    let mut dropped: HashSet<usize> = HashSet::new();
+    let release = |inputs: &[String], readers: &mut HashMap<String, usize>| {
+        for name in inputs.iter().filter(|s| !s.is_empty()) {
+            if let Some(r) = readers.get_mut(name) {
+                *r = r.saturating_sub(1);
+            }
+        }
+    };
+    // Last quantize first: a chain swallows the quantizes inside it, which are then dropped.
+    for i in (0..g.node.len()).rev() {
+        if dropped.contains(&i) || !is_quantize(&g.node[i]) {
             continue;
         }
-        let producers = producers(g);
         let Some((nodes, source, ty)) = chain(g, &consts, &producers, i) else {
             continue;
         };
-        match tabulate(g, &consts, opset, &nodes, &source, ty) {
-            Ok((table, signed)) => {
-                let end = &g.node[i];
-                let mut lookup = node(
-                    LOOKUP,
-                    format!("{}_fedge_lookup", end.output[0]),
-                    &[&source],
-                    &[&end.output[0]],
-                    vec![
-                        super::graph::ints_attr("table", &table),
-                        int_attr("signed", signed as i64),
-                    ],
-                );
-                lookup.domain = "ai.fedge".into();
-                let name = lookup.name.clone();
-                g.node[i] = lookup;
-                done += 1;
-                folded += nodes.len();
-                // The chain's other nodes (all before `i`) are unread now unless read
-                // elsewhere; dropping them keeps the quantizes inside it from being tabulated.
-                remove_dead(g);
-                i = g
-                    .node
-                    .iter()
-                    .position(|n| n.name == name)
-                    .unwrap_or(i.min(g.node.len()));
+        let (table, signed) = match tabulate(g, &consts, opset, &nodes, &source, ty) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(error = %e, "element-wise chain kept");
+                continue;
             }
-            Err(e) => tracing::debug!(error = %e, "element-wise chain kept"),
+        };
+        let end = &g.node[i];
+        let mut lookup = node(
+            LOOKUP,
+            format!("{}_fedge_lookup", end.output[0]),
+            &[&source],
+            &[&end.output[0]],
+            vec![
+                super::graph::ints_attr("table", &table),
+                int_attr("signed", signed as i64),
+            ],
+        );
+        lookup.domain = "ai.fedge".into();
+        let old = std::mem::replace(&mut g.node[i], lookup);
+        *readers.entry(source.clone()).or_default() += 1;
+        release(&old.input, &mut readers);
+        // Drop the chain's nodes left without readers, last first.
+        for &j in nodes.iter().rev().filter(|&&j| j != i) {
+            let n = &g.node[j];
+            let unread = n
+                .output
+                .iter()
+                .all(|o| readers.get(o).copied().unwrap_or(0) == 0 && !graph_outputs.contains(o));
+            if unread && dropped.insert(j) {
+                release(&n.input, &mut readers);
+            }
         }
+        done += 1;
+        folded += nodes.len();
     }
     if done > 0 {
+        let mut index = 0..;
+        g.node
+            .retain(|_| !dropped.contains(&index.next().unwrap_or(usize::MAX)));
+        remove_dead(g);
         report.push(format!(
             "ran {done} 8-bit element-wise chains ({folded} nodes) as table lookups, {} nodes left unread removed",
             before - g.node.len()
