@@ -60,6 +60,11 @@ pub(crate) const SCALE_BIAS: &str = "FedgeScaleBias";
 /// ONNX type code) and `saturate` (int, default 1); the output is the type's container.
 pub(crate) const CAST_NARROW: &str = "FedgeCastNarrow";
 
+/// The 8-bit output type of a quantizing op.
+fn byte_type(signed: bool) -> DatumType {
+    if signed { DatumType::I8 } else { DatumType::U8 }
+}
+
 /// Round half to even for |v| ≤ 2^22 (and NaN), without `roundevenf`, which baseline x86-64
 /// has no instruction for: adding and subtracting 1.5·2^23 leaves the integer the default
 /// rounding mode picks.
@@ -492,11 +497,7 @@ impl BinMiniOp for QLinearAddOrt {
     }
 
     fn result_datum_type(&self, a: DatumType, b: DatumType) -> TractResult<DatumType> {
-        let want = if self.signed {
-            DatumType::I8
-        } else {
-            DatumType::U8
-        };
+        let want = byte_type(self.signed);
         if a.unquantized() == want && b.unquantized() == want {
             Ok(want)
         } else {
@@ -814,6 +815,77 @@ mod tests {
                 .to_vec();
             assert_eq!(got, want[..m], "equal shapes, signed={signed}");
         }
+    }
+
+    /// The fedge ops a crafted model can name directly (domain `ai.fedge`): bad parameters
+    /// and inputs are errors, not panics.
+    #[test]
+    fn scale_bias_and_lookup_refuse_bad_parameters_and_inputs() {
+        let op = ScaleBias {
+            bias: vec![1f32.to_bits(); 3],
+            axis: 1,
+            scaled: true,
+            hard_swish: None,
+        };
+        let x = Tensor::zero::<f32>(&[1, 2, 2]).expect("x");
+        let one = Tensor::from(2f32);
+        let err = op
+            .eval(
+                &EvalContext::out_of_plan(),
+                tvec!(x.clone().into_tvalue(), one.clone().into_tvalue()),
+            )
+            .expect_err("3 biases for 2 channels");
+        assert!(
+            format!("{err:?}").contains("3 bias values for 2 channels"),
+            "{err:?}"
+        );
+        let two = Tensor::zero::<f32>(&[2]).expect("s");
+        let ok = ScaleBias {
+            bias: vec![],
+            ..op.clone()
+        };
+        let err = ok
+            .eval(
+                &EvalContext::out_of_plan(),
+                tvec!(x.clone().into_tvalue(), two.into_tvalue()),
+            )
+            .expect_err("a two-value scale");
+        assert!(format!("{err:?}").contains("not one"), "{err:?}");
+        let err = ok
+            .eval(&EvalContext::out_of_plan(), tvec!(x.clone().into_tvalue()))
+            .expect_err("no scale");
+        assert!(format!("{err:?}").contains("without its scale"), "{err:?}");
+        let far = ScaleBias { axis: 5, ..ok };
+        assert!(
+            far.eval(
+                &EvalContext::out_of_plan(),
+                tvec!(x.clone().into_tvalue(), one.into_tvalue())
+            )
+            .is_err()
+        );
+
+        let short = Lookup {
+            table: vec![0; 10],
+            signed: false,
+        };
+        let bytes = Tensor::zero::<u8>(&[4]).expect("bytes");
+        assert!(short.eval_out_of_place(&bytes, None).is_err());
+        let full = Lookup {
+            table: (0..=255u8).rev().collect(),
+            signed: false,
+        };
+        assert!(
+            full.eval_out_of_place(&x, None).is_err(),
+            "floats are not bytes"
+        );
+        let out = full.eval_out_of_place(&bytes, None).expect("lookup");
+        assert_eq!(
+            out.try_as_plain_ram()
+                .expect("ram")
+                .as_slice::<u8>()
+                .expect("u8"),
+            [255; 4]
+        );
     }
 
     #[test]
@@ -1190,11 +1262,7 @@ impl ElementWiseMiniOp for QuantizeOrt {
     }
 
     fn output_type(&self, _input_type: DatumType) -> Option<DatumType> {
-        Some(if self.signed {
-            DatumType::I8
-        } else {
-            DatumType::U8
-        })
+        Some(byte_type(self.signed))
     }
 
     fn eval_out_of_place(&self, t: &Tensor, _out_dt: Option<DatumType>) -> TractResult<Tensor> {
@@ -1265,11 +1333,7 @@ pub(crate) struct Requantize {
 
 impl Requantize {
     fn out_type(&self) -> DatumType {
-        if self.signed {
-            DatumType::I8
-        } else {
-            DatumType::U8
-        }
+        byte_type(self.signed)
     }
 
     /// Outer count, channels and inner count of `shape` around `axis` (all one block when
@@ -1560,11 +1624,7 @@ impl ElementWiseMiniOp for Lookup {
     }
 
     fn output_type(&self, _input_type: DatumType) -> Option<DatumType> {
-        Some(if self.signed {
-            DatumType::I8
-        } else {
-            DatumType::U8
-        })
+        Some(byte_type(self.signed))
     }
 
     fn eval_out_of_place(&self, t: &Tensor, _out_dt: Option<DatumType>) -> TractResult<Tensor> {
