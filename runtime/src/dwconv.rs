@@ -24,6 +24,8 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_hir::infer::*;
 use tract_onnx::tract_hir::to_typed;
 
+use crate::conv::Activation;
+
 /// The op type fedge's import writes for a depthwise convolution, attributes `strides`,
 /// `dilations` (2 ints each) and `pads` (4 ints: top, left, bottom, right); inputs `X`
 /// `[N, C, H, W]`, `W` `[C, 1, KH, KW]` and `B` `[C]`.
@@ -32,36 +34,46 @@ pub(crate) const DEPTHWISE_CONV: &str = "FedgeDepthwiseConv";
 /// Output rows per block: about this many accumulator floats (8 KiB) per block.
 const BLOCK_FLOATS: usize = 2048;
 
+/// Strides, dilations and padding of a 2-D convolution, and the zero-padded, phase-split
+/// scratch layout that turns every tap into one contiguous run (shared with `FedgeConv`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct DepthwiseConv {
+pub(crate) struct Window {
     pub strides: [usize; 2],
     pub dilations: [usize; 2],
     /// Top, left, bottom, right.
     pub pads: [usize; 4],
 }
 
-/// Sizes of one channel's convolution.
-#[derive(Debug, Clone, Copy)]
-struct Geometry {
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    ho: usize,
-    wo: usize,
-    /// Rows and columns of one phase plane.
-    hq: usize,
-    wq: usize,
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct DepthwiseConv {
+    pub window: Window,
+    /// Applied to every output.
+    pub act: Activation,
 }
 
-impl DepthwiseConv {
-    pub(crate) fn from_node(node: &tract_onnx::pb::NodeProto) -> TractResult<Self> {
+/// Sizes of one channel's convolution.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub ho: usize,
+    pub wo: usize,
+    /// Rows and columns of one phase plane.
+    pub hq: usize,
+    pub wq: usize,
+}
+
+impl Window {
+    /// `strides`, `dilations` and `pads` of a fedge convolution node named `op`.
+    pub(crate) fn from_node(node: &tract_onnx::pb::NodeProto, op: &str) -> TractResult<Self> {
         let ints = |name: &str, len: usize, default: usize| -> TractResult<Vec<usize>> {
             match node.get_attr_opt_tvec::<usize>(name)? {
                 Some(v) => {
                     ensure!(
                         v.len() == len,
-                        "{DEPTHWISE_CONV}: `{name}` has {} values, not {len}",
+                        "{op}: `{name}` has {} values, not {len}",
                         v.len()
                     );
                     Ok(v.to_vec())
@@ -76,9 +88,9 @@ impl DepthwiseConv {
         );
         ensure!(
             s.iter().chain(&d).all(|&v| v > 0),
-            "{DEPTHWISE_CONV}: strides and dilations must be positive"
+            "{op}: strides and dilations must be positive"
         );
-        Ok(DepthwiseConv {
+        Ok(Window {
             strides: [s[0], s[1]],
             dilations: [d[0], d[1]],
             pads: [p[0], p[1], p[2], p[3]],
@@ -86,20 +98,22 @@ impl DepthwiseConv {
     }
 
     /// Output extent along one spatial axis, `None` when the kernel does not fit.
-    fn out_len(&self, axis: usize, len: usize, k: usize) -> Option<usize> {
+    pub(crate) fn out_len(&self, axis: usize, len: usize, k: usize) -> Option<usize> {
         let padded = len + self.pads[axis] + self.pads[axis + 2];
         let reach = self.dilations[axis] * (k.max(1) - 1) + 1;
         (k > 0 && padded >= reach).then(|| (padded - reach) / self.strides[axis] + 1)
     }
 
-    fn geometry(&self, x: &[usize], k: &[usize]) -> TractResult<Geometry> {
-        ensure!(
-            x.len() == 4 && k.len() == 4 && k[0] == x[1] && k[1] == 1,
-            "{DEPTHWISE_CONV}: input {x:?} and kernel {k:?} are not NCHW with one filter per channel"
-        );
-        let (h, w, kh, kw) = (x[2], x[3], k[2], k[3]);
+    /// Sizes for an `h × w` input and a `kh × kw` kernel; an error naming `op` when the kernel
+    /// does not fit.
+    pub(crate) fn geometry(
+        &self,
+        op: &str,
+        [h, w]: [usize; 2],
+        [kh, kw]: [usize; 2],
+    ) -> TractResult<Geometry> {
         let (Some(ho), Some(wo)) = (self.out_len(0, h, kh), self.out_len(1, w, kw)) else {
-            bail!("{DEPTHWISE_CONV}: kernel {kh}x{kw} is larger than the padded {h}x{w} input")
+            bail!("{op}: kernel {kh}x{kw} is larger than the padded {h}x{w} input")
         };
         let [sh, sw] = self.strides;
         Ok(Geometry {
@@ -115,21 +129,21 @@ impl DepthwiseConv {
     }
 
     /// Offset of tap `(ky, kx)` in the scratch: its phase plane plus its row and column shift.
-    fn tap_offset(&self, g: &Geometry, ky: usize, kx: usize) -> usize {
+    pub(crate) fn tap_offset(&self, g: &Geometry, ky: usize, kx: usize) -> usize {
         let (y, x) = (ky * self.dilations[0], kx * self.dilations[1]);
         let [sh, sw] = self.strides;
         let phase = (y % sh) * sw + x % sw;
         phase * g.hq * g.wq + (y / sh) * g.wq + x / sw
     }
 
-    fn scratch_len(&self, g: &Geometry) -> usize {
+    pub(crate) fn scratch_len(&self, g: &Geometry) -> usize {
         // Slack past the last plane: the discarded columns of the last row read up to a
         // kernel's width beyond it.
         self.strides[0] * self.strides[1] * g.hq * g.wq + g.kw * self.dilations[1] + g.wq
     }
 
     /// Copies one channel of the input into the zero-padded, phase-split scratch.
-    fn fill_scratch(&self, g: &Geometry, x: &[f32], scratch: &mut [f32]) {
+    pub(crate) fn fill_scratch(&self, g: &Geometry, x: &[f32], scratch: &mut [f32]) {
         scratch.fill(0.0);
         let [sh, sw] = self.strides;
         let (pt, pl) = (self.pads[0], self.pads[1]);
@@ -139,6 +153,21 @@ impl DepthwiseConv {
             let base = (py % sh) * sw * plane + (py / sh) * g.wq;
             if sw == 1 {
                 scratch[base + pl..base + pl + g.w].copy_from_slice(row);
+            } else if sw == 2 {
+                // Input column `x` is padded column `x + pl`: phase `(x + pl) % 2`, at
+                // `(x + pl) / 2`. Even columns go to phase `pl % 2`, odd ones to the other.
+                let (p0, p1) = scratch[base..].split_at_mut(plane);
+                let (p0, p1) = (&mut p0[..g.wq], &mut p1[..g.wq]);
+                let (even, odd) = if pl % 2 == 0 { (p0, p1) } else { (p1, p0) };
+                let (even, odd) = (&mut even[pl / 2..], &mut odd[pl.div_ceil(2)..]);
+                let pairs = row.chunks_exact(2);
+                if let [last] = pairs.remainder() {
+                    even[g.w / 2] = *last;
+                }
+                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(pairs) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
             } else {
                 // Phase `b` holds padded columns `b, b + sw, ...`: input columns `j·sw + b - pl`.
                 for b in 0..sw {
@@ -151,6 +180,37 @@ impl DepthwiseConv {
                 }
             }
         }
+    }
+
+    /// Scratch offsets of every tap, row by row.
+    pub(crate) fn taps(&self, g: &Geometry) -> Vec<usize> {
+        (0..g.kh)
+            .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
+            .map(|(ky, kx)| self.tap_offset(g, ky, kx))
+            .collect()
+    }
+}
+
+impl DepthwiseConv {
+    pub(crate) fn from_node(node: &tract_onnx::pb::NodeProto) -> TractResult<Self> {
+        Ok(DepthwiseConv {
+            window: Window::from_node(node, DEPTHWISE_CONV)?,
+            act: Activation::from_node(node, DEPTHWISE_CONV)?,
+        })
+    }
+
+    /// Output extent along one spatial axis, `None` when the kernel does not fit.
+    fn out_len(&self, axis: usize, len: usize, k: usize) -> Option<usize> {
+        self.window.out_len(axis, len, k)
+    }
+
+    fn geometry(&self, x: &[usize], k: &[usize]) -> TractResult<Geometry> {
+        ensure!(
+            x.len() == 4 && k.len() == 4 && k[0] == x[1] && k[1] == 1,
+            "{DEPTHWISE_CONV}: input {x:?} and kernel {k:?} are not NCHW with one filter per channel"
+        );
+        self.window
+            .geometry(DEPTHWISE_CONV, [x[2], x[3]], [k[2], k[3]])
     }
 
     /// One channel: `out` (`ho · wo`) from the filled scratch, filter `k` (`kh · kw`) and
@@ -189,7 +249,7 @@ impl DepthwiseConv {
                 .chunks_exact_mut(g.wo)
                 .zip(acc.chunks_exact(g.wq))
             {
-                o.copy_from_slice(&a[..g.wo]);
+                self.act.apply(o, &a[..g.wo]);
             }
             r0 = r1;
         }
@@ -211,17 +271,15 @@ impl DepthwiseConv {
         let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
         #[cfg(not(target_arch = "x86_64"))]
         let avx2 = false;
-        let taps: Vec<usize> = (0..g.kh)
-            .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
-            .map(|(ky, kx)| self.tap_offset(g, ky, kx))
-            .collect();
-        let mut scratch = vec![0f32; self.scratch_len(g)];
+        let taps = self.window.taps(g);
+        let mut scratch = vec![0f32; self.window.scratch_len(g)];
         let mut acc = vec![0f32; (BLOCK_FLOATS / g.wq).clamp(1, g.ho) * g.wq];
         let (ip, op, kp) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
         for (i, o) in out.chunks_exact_mut(op).enumerate() {
             let p = first + i;
             let c = p % channels;
-            self.fill_scratch(g, &x[p * ip..(p + 1) * ip], &mut scratch);
+            self.window
+                .fill_scratch(g, &x[p * ip..(p + 1) * ip], &mut scratch);
             self.channel(
                 g,
                 avx2,
@@ -361,9 +419,10 @@ impl Op for DepthwiseConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        let w = &self.window;
         Ok(vec![format!(
-            "strides {:?}, dilations {:?}, pads {:?}",
-            self.strides, self.dilations, self.pads
+            "strides {:?}, dilations {:?}, pads {:?}, activation {:?}",
+            w.strides, w.dilations, w.pads, self.act
         )])
     }
 
@@ -514,10 +573,11 @@ mod tests {
                         let mut s = b[ci] as f64;
                         for ky in 0..kh {
                             for kx in 0..kw {
-                                let y = (oy * op.strides[0] + ky * op.dilations[0]) as isize
-                                    - op.pads[0] as isize;
-                                let xx = (ox * op.strides[1] + kx * op.dilations[1]) as isize
-                                    - op.pads[1] as isize;
+                                let o = &op.window;
+                                let y = (oy * o.strides[0] + ky * o.dilations[0]) as isize
+                                    - o.pads[0] as isize;
+                                let xx = (ox * o.strides[1] + kx * o.dilations[1]) as isize
+                                    - o.pads[1] as isize;
                                 if y < 0 || xx < 0 || y >= h as isize || xx >= w as isize {
                                     continue;
                                 }
@@ -565,9 +625,12 @@ mod tests {
         ];
         for &(xs, ks, strides, dilations, pads) in cases {
             let op = DepthwiseConv {
-                strides,
-                dilations,
-                pads,
+                window: Window {
+                    strides,
+                    dilations,
+                    pads,
+                },
+                act: Activation::Identity,
             };
             let x = values(&mut seed, xs.iter().product());
             let k = values(&mut seed, xs[1] * ks[0] * ks[1]);
@@ -620,9 +683,12 @@ mod tests {
     #[test]
     fn kernel_larger_than_the_input_or_mismatched_shapes_are_errors() {
         let op = DepthwiseConv {
-            strides: [1, 1],
-            dilations: [1, 1],
-            pads: [0, 0, 0, 0],
+            window: Window {
+                strides: [1, 1],
+                dilations: [1, 1],
+                pads: [0, 0, 0, 0],
+            },
+            act: Activation::Identity,
         };
         let x = vec![0f32; 2 * 2 * 2];
         let k = vec![0f32; 2 * 9];

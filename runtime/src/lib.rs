@@ -25,6 +25,7 @@
 //! ```
 
 mod backend;
+mod conv;
 mod cpu;
 mod dwconv;
 mod error;

@@ -14,6 +14,7 @@
 //! - `FedgeDynamicQuantizeLinear`: onnxruntime's scale, zero point and quantization in two
 //!   vectorised passes (tract's own op is a tenth of some models' time).
 //! - `FedgeDepthwiseConv`: depthwise convolutions (`crate::dwconv`).
+//! - `FedgeConv`: dense convolutions on x86-64 with AVX2/FMA (`crate::conv`).
 //! - `FedgeScaleBias`: the dynamic quantizer's scale and bias after an integer accumulator.
 //! - `FedgeLookup`: an 8-bit to 8-bit element-wise chain as a 256-entry table.
 //! - `FedgeCastNarrow`: `Cast` to 4-/2-bit integers and 8-/4-bit floats (`crate::lowp`).
@@ -177,6 +178,9 @@ pub(crate) fn onnx() -> tract_onnx::Onnx {
                 vec![],
             ))
         });
+    onnx.op_register.insert(crate::conv::CONV, |_, node| {
+        Ok((Box::new(crate::conv::Conv::from_node(node)?), vec![]))
+    });
     onnx.op_register.insert(GLOBAL_AVERAGE_POOL, |_, _| {
         Ok((Box::new(GlobalAveragePoolOrt), vec![]))
     });

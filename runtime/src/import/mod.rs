@@ -13,8 +13,9 @@
 //! - `exactdiv`: onnxruntime's arithmetic where tract's differs, in graphs that quantize: float
 //!   divisions as divisions (tract multiplies by reciprocals), one-pass `QuantizeLinear`,
 //!   `QLinearAdd` and `GlobalAveragePool`;
-//! - `depthwise`: float depthwise convolutions on fedge's kernel, with the batch norm after
-//!   them folded in (CPU backend);
+//! - `conv`: float convolutions on fedge's kernels (depthwise everywhere, dense where the
+//!   machine has AVX2 and FMA), with the batch norm and the activation after them folded in
+//!   (CPU backend);
 //! - `lut`: 8-bit to 8-bit element-wise chains (dequantize, activation, quantize) as table
 //!   lookups (CPU backend);
 //! - `scalebias`: the dynamic quantizer's casts, scale and bias after an integer accumulator
@@ -22,7 +23,7 @@
 //! - `qdq`: QDQ patterns rewritten into tract's integer ops, and the softmax pattern tract gets
 //!   wrong rewritten into exact float arithmetic.
 
-mod depthwise;
+mod conv;
 mod exactdiv;
 mod fold;
 pub(crate) mod graph;
@@ -107,7 +108,7 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
             scalebias::rewrite(graph, &mut report);
         }
         if opts.backend == "cpu" {
-            depthwise::rewrite(graph, &mut report);
+            conv::rewrite(graph, &mut report);
         }
     }
     fold::fold_ifs(&mut proto, &mut report);

@@ -1,0 +1,1019 @@
+//! `FedgeConv`: a dense 2-D convolution (NCHW, float32, one group) for the CPU backend on
+//! x86-64 machines with AVX2 and FMA, and the activation that fedge's convolutions apply to
+//! their outputs.
+//!
+//! tract 0.23.9 runs a convolution as an im2col packing of the input followed by its matrix
+//! product kernel. For the narrow, wide convolutions of detection necks (24 output channels
+//! over 96 × 3 × 3 taps on a 160 × 120 map) that packs the input nine times over and fills a
+//! 16-row kernel tile with 24 rows, and measured about 15 GMAC/s here plus a separate padding
+//! pass. This op reads the input where it lies:
+//!
+//! - each input channel is copied once into the zero-padded, stride-phase-split scratch of
+//!   `FedgeDepthwiseConv` (`crate::dwconv::Window`), so every tap of every channel is one
+//!   contiguous run at a fixed offset from the output position (a 1 × 1 kernel with stride 1
+//!   and no padding reads the input itself);
+//! - the output is computed over rows as wide as the scratch (the extra columns are
+//!   discarded), in blocks of [`COLS`] positions that keep the input they read in the L2 cache;
+//! - within a block, [`ROWS`] output channels × 16 positions stay in twelve AVX2 registers
+//!   across all `C_in · KH · KW` taps: two loads of the input and six broadcast weights per
+//!   twelve fused multiply-adds;
+//! - output channels are split across tract's executor when it has threads.
+//!
+//! The sum over taps is in a different order from tract's (and from onnxruntime's), which
+//! moves float results by a few ulps; sums of small integers held in floats (fedge's exact int8
+//! convolutions) are exact in any order. fedge's import only writes this op where AVX2 and FMA
+//! are present ([`fast`]); elsewhere tract's kernels stay (the portable loop here exists for
+//! correctness, not speed).
+
+use std::hash::{Hash, Hasher};
+
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_hir::infer::*;
+use tract_onnx::tract_hir::to_typed;
+
+use crate::dwconv::{Geometry, Window};
+
+/// The op type fedge's import writes for a dense convolution, attributes `strides`,
+/// `dilations` (2 ints each), `pads` (4 ints: top, left, bottom, right) and an optional
+/// activation (see [`Activation::from_node`]); inputs `X` `[N, C, H, W]`, `W`
+/// `[M, C, KH, KW]` and `B` `[M]`.
+pub(crate) const CONV: &str = "FedgeConv";
+
+/// Output channels per register block.
+const ROWS: usize = 6;
+/// Output positions per cache block (a multiple of 16).
+const COLS: usize = 64;
+/// Most taps (input channels × kernel points) summed per pass over a block's accumulators.
+const TAPS: usize = 128;
+
+/// Whether this machine runs [`CONV`] fast: x86-64 with AVX2 and FMA.
+pub(crate) fn fast() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// An activation applied to a convolution's outputs, computed as ONNX defines it, one f32
+/// rounding per step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Activation {
+    Identity,
+    /// `max(x, 0)`.
+    Relu,
+    /// `x` when `x ≥ 0`, else `alpha · x`.
+    LeakyRelu {
+        alpha: f32,
+    },
+    /// `min(max(x, lo), hi)`.
+    Clip {
+        lo: f32,
+        hi: f32,
+    },
+    /// `x · max(0, min(1, alpha · x + beta))`: ONNX `HardSwish` (alpha 1/6, beta 1/2), or
+    /// `Mul(x, HardSigmoid(x))`.
+    HardSwish {
+        alpha: f32,
+        beta: f32,
+    },
+    /// `(x · min(max(x + shift, lo), hi)) / div`: the hard-swish of Paddle's exporter,
+    /// `Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`.
+    ClipSwish {
+        shift: f32,
+        lo: f32,
+        hi: f32,
+        div: f32,
+    },
+}
+
+impl Eq for Activation {}
+
+impl Hash for Activation {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        let params: &[f32] = match self {
+            Activation::Identity | Activation::Relu => &[],
+            Activation::LeakyRelu { alpha } => &[*alpha],
+            Activation::Clip { lo, hi } => &[*lo, *hi],
+            Activation::HardSwish { alpha, beta } => &[*alpha, *beta],
+            Activation::ClipSwish { shift, lo, hi, div } => &[*shift, *lo, *hi, *div],
+        };
+        for p in params {
+            p.to_bits().hash(state);
+        }
+    }
+}
+
+impl Activation {
+    /// From a fedge convolution node named `op`: attribute `activation` (`relu`,
+    /// `leaky_relu` with `alpha`, `clip` with `min` and `max`, `hard_swish` with `alpha` and
+    /// `beta`, `clip_swish` with `shift`, `min`, `max` and `div`); none means the identity.
+    pub(crate) fn from_node(node: &tract_onnx::pb::NodeProto, op: &str) -> TractResult<Self> {
+        let Some(kind) = node.get_attr_opt::<String>("activation")? else {
+            return Ok(Activation::Identity);
+        };
+        let f = |name: &str| -> TractResult<f32> {
+            node.get_attr_opt::<f32>(name)?
+                .with_context(|| format!("{op}: activation `{kind}` needs attribute `{name}`"))
+        };
+        Ok(match kind.as_str() {
+            "relu" => Activation::Relu,
+            "leaky_relu" => Activation::LeakyRelu { alpha: f("alpha")? },
+            "clip" => Activation::Clip {
+                lo: f("min")?,
+                hi: f("max")?,
+            },
+            "hard_swish" => Activation::HardSwish {
+                alpha: f("alpha")?,
+                beta: f("beta")?,
+            },
+            "clip_swish" => Activation::ClipSwish {
+                shift: f("shift")?,
+                lo: f("min")?,
+                hi: f("max")?,
+                div: f("div")?,
+            },
+            other => bail!("{op}: unknown activation `{other}`"),
+        })
+    }
+
+    /// The node attributes [`Activation::from_node`] reads back.
+    pub(crate) fn attributes(&self) -> Vec<tract_onnx::pb::AttributeProto> {
+        use tract_onnx::pb::{AttributeProto, attribute_proto::AttributeType};
+        let s = |v: &str| AttributeProto {
+            name: "activation".into(),
+            r#type: AttributeType::String as i32,
+            s: v.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let f = |name: &str, v: f32| AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Float as i32,
+            f: v,
+            ..Default::default()
+        };
+        match *self {
+            Activation::Identity => vec![],
+            Activation::Relu => vec![s("relu")],
+            Activation::LeakyRelu { alpha } => vec![s("leaky_relu"), f("alpha", alpha)],
+            Activation::Clip { lo, hi } => vec![s("clip"), f("min", lo), f("max", hi)],
+            Activation::HardSwish { alpha, beta } => {
+                vec![s("hard_swish"), f("alpha", alpha), f("beta", beta)]
+            }
+            Activation::ClipSwish { shift, lo, hi, div } => vec![
+                s("clip_swish"),
+                f("shift", shift),
+                f("min", lo),
+                f("max", hi),
+                f("div", div),
+            ],
+        }
+    }
+
+    #[inline(always)]
+    fn one(self, x: f32) -> f32 {
+        match self {
+            Activation::Identity => x,
+            Activation::Relu => {
+                if x < 0.0 {
+                    0.0
+                } else {
+                    x
+                }
+            }
+            Activation::LeakyRelu { alpha } => {
+                if x < 0.0 {
+                    alpha * x
+                } else {
+                    x
+                }
+            }
+            Activation::Clip { lo, hi } => {
+                let y = if x < lo { lo } else { x };
+                if y > hi { hi } else { y }
+            }
+            Activation::HardSwish { alpha, beta } => {
+                let t = alpha * x + beta;
+                let t = if t < 0.0 { 0.0 } else { t };
+                x * if t > 1.0 { 1.0 } else { t }
+            }
+            Activation::ClipSwish { shift, lo, hi, div } => {
+                let t = x + shift;
+                let t = if t < lo { lo } else { t };
+                (x * if t > hi { hi } else { t }) / div
+            }
+        }
+    }
+
+    /// Inlined into each arm of a match on the kind, so that each loop vectorises.
+    #[inline(always)]
+    fn copy_with(self, dst: &mut [f32], src: &[f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = self.one(s);
+        }
+    }
+
+    /// `dst[i] = act(src[i])`.
+    pub(crate) fn apply(self, dst: &mut [f32], src: &[f32]) {
+        if self == Activation::Identity {
+            dst.copy_from_slice(src);
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if fast() {
+            // SAFETY: AVX2 and FMA were just detected.
+            unsafe { self.apply_avx2(dst, src) };
+            return;
+        }
+        self.copy_with(dst, src);
+    }
+
+    /// # Safety
+    /// The machine must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn apply_avx2(self, dst: &mut [f32], src: &[f32]) {
+        match self {
+            Activation::Identity => dst.copy_from_slice(src),
+            Activation::Relu => self.copy_with(dst, src),
+            Activation::LeakyRelu { .. } => self.copy_with(dst, src),
+            Activation::Clip { .. } => self.copy_with(dst, src),
+            Activation::HardSwish { .. } => self.copy_with(dst, src),
+            Activation::ClipSwish { .. } => self.copy_with(dst, src),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Conv {
+    pub window: Window,
+    /// Applied to every output.
+    pub act: Activation,
+}
+
+impl Conv {
+    pub(crate) fn from_node(node: &tract_onnx::pb::NodeProto) -> TractResult<Self> {
+        Ok(Conv {
+            window: Window::from_node(node, CONV)?,
+            act: Activation::from_node(node, CONV)?,
+        })
+    }
+
+    fn geometry(&self, x: &[usize], k: &[usize]) -> TractResult<Geometry> {
+        ensure!(
+            x.len() == 4 && k.len() == 4 && k[1] == x[1],
+            "{CONV}: input {x:?} and kernel {k:?} are not NCHW with a [M, C, KH, KW] kernel"
+        );
+        self.window.geometry(CONV, [x[2], x[3]], [k[2], k[3]])
+    }
+
+    /// Whether the input is read where it lies: a 1 × 1 kernel, stride 1, no padding.
+    fn in_place(&self, g: &Geometry) -> bool {
+        g.kh == 1 && g.kw == 1 && self.window.strides == [1, 1] && self.window.pads == [0; 4]
+    }
+
+    /// The convolution of `x` (`[N, C, H, W]`) by `k` (`[M, C, KH, KW]`) plus `b` (`[M]`),
+    /// then the activation.
+    pub(crate) fn run(
+        &self,
+        x: &[f32],
+        x_shape: &[usize],
+        k: &[f32],
+        k_shape: &[usize],
+        b: &[f32],
+    ) -> TractResult<Tensor> {
+        let g = self.geometry(x_shape, k_shape)?;
+        let (n, c, m) = (x_shape[0], x_shape[1], k_shape[0]);
+        ensure!(
+            x.len() == x_shape.iter().product::<usize>()
+                && k.len() == k_shape.iter().product::<usize>(),
+            "{CONV}: data and shape disagree"
+        );
+        ensure!(
+            b.len() == m,
+            "{CONV}: {} bias values for {m} output channels",
+            b.len()
+        );
+        let shape = [n, m, g.ho, g.wo];
+        // SAFETY: every element is written below (each plane by exactly one call).
+        let mut t = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        let plane = g.ho * g.wo;
+        let in_place = self.in_place(&g);
+        // Distance between two input channels in what the kernel reads.
+        let stride = if in_place {
+            g.h * g.w
+        } else {
+            self.window.scratch_len(&g)
+        };
+        let taps = self.window.taps(&g);
+        let offsets: Vec<usize> = (0..c)
+            .flat_map(|ci| taps.iter().map(move |&t| ci * stride + t))
+            .collect();
+        let mut scratch = vec![0f32; if in_place { 0 } else { c * stride }];
+        let image = c * g.h * g.w;
+        {
+            let mut plain = t.try_as_plain_ram_mut()?;
+            let out = plain.as_slice_mut::<f32>()?;
+            if out.is_empty() {
+                return Ok(t);
+            }
+            let avx2 = fast();
+            for (i, out) in out.chunks_exact_mut(m * plane).enumerate() {
+                let x = &x[i * image..(i + 1) * image];
+                let src: &[f32] = if in_place {
+                    x
+                } else {
+                    for (s, x) in scratch
+                        .chunks_exact_mut(stride)
+                        .zip(x.chunks_exact(g.h * g.w))
+                    {
+                        self.window.fill_scratch(&g, x, s);
+                    }
+                    &scratch
+                };
+                let total = m * plane * offsets.len();
+                tract_linalg::multithread::par_chunks_mut(
+                    out,
+                    ROWS * plane,
+                    total,
+                    |first, chunk| {
+                        let c0 = first * ROWS;
+                        self.rows(&g, avx2, src, &offsets, k, &b[c0..], chunk);
+                        Ok(())
+                    },
+                )?;
+            }
+        }
+        Ok(t)
+    }
+
+    /// Output planes for the channels whose kernels start `k` and biases start `b`
+    /// (`out.len() / plane` of them), from `src` read at `offsets`.
+    #[allow(clippy::too_many_arguments)]
+    fn rows(
+        &self,
+        g: &Geometry,
+        avx2: bool,
+        src: &[f32],
+        offsets: &[usize],
+        k: &[f32],
+        b: &[f32],
+        out: &mut [f32],
+    ) {
+        let plane = g.ho * g.wo;
+        let m = out.len() / plane;
+        let taps = offsets.len();
+        // Kernels packed per block of ROWS output channels: tap-major, ROWS weights per tap.
+        let blocks = m.div_ceil(ROWS);
+        let mut packed = vec![0f32; blocks * taps * ROWS];
+        for (bi, block) in packed.chunks_exact_mut(taps * ROWS).enumerate() {
+            for r in 0..ROWS.min(m - bi * ROWS) {
+                let kernel = &k[(bi * ROWS + r) * taps..(bi * ROWS + r + 1) * taps];
+                for (t, &w) in kernel.iter().enumerate() {
+                    block[t * ROWS + r] = w;
+                }
+            }
+        }
+        let positions = g.ho * g.wq;
+        let reach = offsets.iter().copied().max().unwrap_or(0);
+        // Taps per pass over the accumulators, balanced: the input those taps read for one
+        // block of positions stays in the L1 cache across all output channels.
+        let passes = taps.div_ceil(TAPS).max(1);
+        let per_pass = taps.div_ceil(passes).max(1);
+        let mut stage = vec![0f32; blocks * ROWS * COLS];
+        let mut j0 = 0;
+        while j0 < positions {
+            let len = COLS.min(positions - j0);
+            assert!(
+                reach + j0 + len <= src.len(),
+                "{CONV}: taps read past the input"
+            );
+            let src = &src[j0..];
+            let mut t0 = 0;
+            while t0 < taps {
+                let t1 = (t0 + per_pass).min(taps);
+                for (bi, (wp, acc)) in packed
+                    .chunks_exact(taps * ROWS)
+                    .zip(stage.chunks_exact_mut(ROWS * COLS))
+                    .enumerate()
+                {
+                    let r0 = bi * ROWS;
+                    let rows = ROWS.min(m - r0);
+                    let init = (t0 == 0).then(|| &b[r0..r0 + rows]);
+                    let (wp, offsets) = (&wp[t0 * ROWS..t1 * ROWS], &offsets[t0..t1]);
+                    match rows {
+                        6 => block::<6>(avx2, acc, len, init, wp, offsets, src),
+                        5 => block::<5>(avx2, acc, len, init, wp, offsets, src),
+                        4 => block::<4>(avx2, acc, len, init, wp, offsets, src),
+                        3 => block::<3>(avx2, acc, len, init, wp, offsets, src),
+                        2 => block::<2>(avx2, acc, len, init, wp, offsets, src),
+                        _ => block::<1>(avx2, acc, len, init, wp, offsets, src),
+                    }
+                }
+                t0 = t1;
+            }
+            for r in 0..m {
+                let acc = &stage[(r / ROWS) * ROWS * COLS + (r % ROWS) * COLS..][..len];
+                self.scatter(g, j0, acc, &mut out[r * plane..(r + 1) * plane]);
+            }
+            j0 += len;
+        }
+    }
+
+    /// Positions `j0..j0 + acc.len()` of the scratch-wide output grid into the output plane,
+    /// dropping the columns past the output width, through the activation.
+    fn scatter(&self, g: &Geometry, j0: usize, acc: &[f32], dst: &mut [f32]) {
+        let end = j0 + acc.len();
+        let mut j = j0;
+        while j < end {
+            let (y, x) = (j / g.wq, j % g.wq);
+            let row_end = ((y + 1) * g.wq).min(end);
+            if x < g.wo {
+                let n = (row_end - j).min(g.wo - x);
+                self.act.apply(
+                    &mut dst[y * g.wo + x..y * g.wo + x + n],
+                    &acc[j - j0..j - j0 + n],
+                );
+            }
+            j = row_end;
+        }
+    }
+}
+
+/// `R` rows of `stage` (`COLS` apart), positions `0..len`:
+/// `stage[r][j] = s + Σ_t wp[t · ROWS + r] · src[offsets[t] + j]`, where `s` is `bias[r]` when
+/// `bias` is given and `stage[r][j]` (a sum over earlier taps) when not.
+#[allow(clippy::too_many_arguments)]
+fn block<const R: usize>(
+    avx2: bool,
+    stage: &mut [f32],
+    len: usize,
+    bias: Option<&[f32]>,
+    wp: &[f32],
+    offsets: &[usize],
+    src: &[f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is true only when AVX2 and FMA were detected on this machine.
+        unsafe { block_avx2_fma::<R>(stage, len, bias, wp, offsets, src) };
+        return;
+    }
+    let _ = avx2;
+    block_generic::<R>(stage, len, bias, wp, offsets, src);
+}
+
+fn block_generic<const R: usize>(
+    stage: &mut [f32],
+    len: usize,
+    bias: Option<&[f32]>,
+    wp: &[f32],
+    offsets: &[usize],
+    src: &[f32],
+) {
+    let mut j = 0;
+    while j + 8 <= len {
+        let mut acc = [[0f32; 8]; R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            *a = match bias {
+                Some(b) => [b[r]; 8],
+                None => stage[r * COLS + j..r * COLS + j + 8]
+                    .try_into()
+                    .expect("eight values"),
+            };
+        }
+        for (t, &off) in offsets.iter().enumerate() {
+            let s: &[f32; 8] = src[off + j..off + j + 8].try_into().expect("eight values");
+            for (r, a) in acc.iter_mut().enumerate() {
+                let w = wp[t * ROWS + r];
+                for (a, &v) in a.iter_mut().zip(s) {
+                    *a += w * v;
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            stage[r * COLS + j..r * COLS + j + 8].copy_from_slice(a);
+        }
+        j += 8;
+    }
+    for j in j..len {
+        for r in 0..R {
+            let mut a = bias.map_or(stage[r * COLS + j], |b| b[r]);
+            for (t, &off) in offsets.iter().enumerate() {
+                a += wp[t * ROWS + r] * src[off + j];
+            }
+            stage[r * COLS + j] = a;
+        }
+    }
+}
+
+/// [`block_generic`] with AVX2 and FMA: `R` rows × 16 positions in registers across all taps.
+///
+/// # Safety
+/// The machine must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2_fma<const R: usize>(
+    stage: &mut [f32],
+    len: usize,
+    bias: Option<&[f32]>,
+    wp: &[f32],
+    offsets: &[usize],
+    src: &[f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(
+        R <= ROWS
+            && bias.is_none_or(|b| b.len() >= R)
+            && wp.len() >= offsets.len() * ROWS
+            && stage.len() >= (R - 1) * COLS + len
+            && len <= COLS
+            && offsets.iter().all(|&off| off + len <= src.len()),
+        "{CONV}: block reads or writes out of bounds"
+    );
+    let (sp, wpp, op) = (src.as_ptr(), wp.as_ptr(), stage.as_mut_ptr());
+    let mut j = 0;
+    // SAFETY: every load is at `off + j + i` with `j + i < len` and `off + len <= src.len()`,
+    // every weight below `offsets.len() * ROWS`, every store at `r * COLS + j + i` with
+    // `r < R` and `j + i < len` (asserted above).
+    unsafe {
+        while j + 16 <= len {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = match bias {
+                    Some(b) => [_mm256_set1_ps(b[r]); 2],
+                    None => {
+                        let p = op.add(r * COLS + j);
+                        [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+                    }
+                };
+            }
+            for (t, &off) in offsets.iter().enumerate() {
+                let p = sp.add(off + j);
+                let (x0, x1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                let w = wpp.add(t * ROWS);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_broadcast_ss(&*w.add(r));
+                    a[0] = _mm256_fmadd_ps(wv, x0, a[0]);
+                    a[1] = _mm256_fmadd_ps(wv, x1, a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(op.add(r * COLS + j), a[0]);
+                _mm256_storeu_ps(op.add(r * COLS + j + 8), a[1]);
+            }
+            j += 16;
+        }
+        while j + 8 <= len {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = match bias {
+                    Some(b) => _mm256_set1_ps(b[r]),
+                    None => _mm256_loadu_ps(op.add(r * COLS + j)),
+                };
+            }
+            for (t, &off) in offsets.iter().enumerate() {
+                let x0 = _mm256_loadu_ps(sp.add(off + j));
+                let w = wpp.add(t * ROWS);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*w.add(r)), x0, *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(op.add(r * COLS + j), *a);
+            }
+            j += 8;
+        }
+        while j < len {
+            for r in 0..R {
+                let mut a = bias.map_or(*op.add(r * COLS + j), |b| b[r]);
+                for (t, &off) in offsets.iter().enumerate() {
+                    a = (*wpp.add(t * ROWS + r)).mul_add(*sp.add(off + j), a);
+                }
+                *op.add(r * COLS + j) = a;
+            }
+            j += 1;
+        }
+    }
+}
+
+impl Op for Conv {
+    fn name(&self) -> StaticName {
+        CONV.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let w = &self.window;
+        Ok(vec![format!(
+            "strides {:?}, dilations {:?}, pads {:?}, activation {:?}",
+            w.strides, w.dilations, w.pads, self.act
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Conv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 3, "{CONV} takes input, kernel and bias");
+        let (x, k, b) = (&inputs[0], &inputs[1], &inputs[2]);
+        let (xp, kp, bp) = (
+            x.try_as_plain_ram()?,
+            k.try_as_plain_ram()?,
+            b.try_as_plain_ram()?,
+        );
+        let t = self.run(
+            xp.as_slice::<f32>()?,
+            x.shape(),
+            kp.as_slice::<f32>()?,
+            k.shape(),
+            bp.as_slice::<f32>()?,
+        )?;
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl InferenceRulesOp for Conv {
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 3)?;
+        check_output_arity(outputs, 1)?;
+        for t in [&inputs[0], &inputs[1], &inputs[2], &outputs[0]] {
+            s.equals(&t.datum_type, f32::datum_type())?;
+        }
+        s.equals(&inputs[0].rank, 4)?;
+        s.equals(&inputs[1].rank, 4)?;
+        s.equals(&outputs[0].rank, 4)?;
+        s.equals(&inputs[0].shape[0], &outputs[0].shape[0])?;
+        s.equals(&inputs[1].shape[0], &outputs[0].shape[1])?;
+        for axis in 0..2 {
+            s.given_2(
+                &inputs[0].shape[2 + axis],
+                &inputs[1].shape[2 + axis],
+                move |s, len, k| {
+                    if let (Ok(len), Ok(k)) = (len.to_usize(), k.to_usize()) {
+                        let out = self.window.out_len(axis, len, k).with_context(|| {
+                            format!("{CONV}: kernel {k} larger than padded {len}")
+                        })?;
+                        s.equals(&outputs[0].shape[2 + axis], out.to_dim())?;
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    as_op!();
+    to_typed!();
+}
+
+impl TypedOp for Conv {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 3, "{CONV} takes input, kernel and bias");
+        let (x, k) = (inputs[0], inputs[1]);
+        ensure!(
+            inputs.iter().all(|f| f.datum_type == f32::datum_type()),
+            "{CONV} runs on float32 only"
+        );
+        let k_shape = k
+            .shape
+            .as_concrete()
+            .with_context(|| format!("{CONV}: the kernel's shape is not known"))?;
+        ensure!(
+            x.rank() == 4
+                && k_shape.len() == 4
+                && x.shape[1].to_usize().is_ok_and(|c| c == k_shape[1]),
+            "{CONV}: input {:?} and kernel {k_shape:?} are not NCHW with a [M, C, KH, KW] kernel",
+            x.shape
+        );
+        let mut shape: TVec<TDim> = tvec![x.shape[0].clone(), k_shape[0].to_dim()];
+        for axis in 0..2 {
+            let len = x.shape[2 + axis]
+                .to_usize()
+                .with_context(|| format!("{CONV}: spatial size {} not known", x.shape[2 + axis]))?;
+            let out = self
+                .window
+                .out_len(axis, len, k_shape[2 + axis])
+                .with_context(|| format!("{CONV}: kernel larger than padded input"))?;
+            shape.push(out.to_dim());
+        }
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let out = self.output_facts(inputs)?;
+        let taps: usize = inputs[1]
+            .shape
+            .iter()
+            .skip(1)
+            .filter_map(|d| d.to_usize().ok())
+            .product();
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            out[0].shape.volume() * taps
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, one output point at a time, then the activation.
+    fn reference(
+        op: &Conv,
+        x: &[f32],
+        xs: [usize; 4],
+        k: &[f32],
+        ks: [usize; 4],
+        b: &[f32],
+    ) -> (Vec<f32>, [usize; 4]) {
+        let [n, c, h, w] = xs;
+        let [m, _, kh, kw] = ks;
+        let o = &op.window;
+        let ho = o.out_len(0, h, kh).expect("fits");
+        let wo = o.out_len(1, w, kw).expect("fits");
+        let mut out = vec![0f32; n * m * ho * wo];
+        for ni in 0..n {
+            for mi in 0..m {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut s = b[mi] as f64;
+                        for ci in 0..c {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let y = (oy * o.strides[0] + ky * o.dilations[0]) as isize
+                                        - o.pads[0] as isize;
+                                    let xx = (ox * o.strides[1] + kx * o.dilations[1]) as isize
+                                        - o.pads[1] as isize;
+                                    if y < 0 || xx < 0 || y >= h as isize || xx >= w as isize {
+                                        continue;
+                                    }
+                                    let v = x[((ni * c + ci) * h + y as usize) * w + xx as usize];
+                                    let wgt = k[((mi * c + ci) * kh + ky) * kw + kx];
+                                    s += (v * wgt) as f64;
+                                }
+                            }
+                        }
+                        out[((ni * m + mi) * ho + oy) * wo + ox] = op.act.one(s as f32);
+                    }
+                }
+            }
+        }
+        (out, [n, m, ho, wo])
+    }
+
+    fn values(seed: &mut u64, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((*seed >> 40) % 17) as f32 - 8.0
+            })
+            .collect()
+    }
+
+    /// Small integers, so that every order of summation gives the same float: the comparison
+    /// is exact. Output channel counts cover every register block height (1-6 and more), and
+    /// output sizes every position class (blocks of 16, of 8, the tail, several cache blocks).
+    #[test]
+    fn matches_the_definition_for_strides_pads_dilations_channels_and_activations() {
+        let mut seed = 11;
+        // input shape, kernel shape, strides, dilations, pads, activation
+        type Case = (
+            [usize; 4],
+            [usize; 4],
+            [usize; 2],
+            [usize; 2],
+            [usize; 4],
+            Activation,
+        );
+        let id = Activation::Identity;
+        let cases: &[Case] = &[
+            ([1, 3, 7, 9], [4, 3, 3, 3], [1, 1], [1, 1], [1, 1, 1, 1], id),
+            (
+                [2, 5, 14, 14],
+                [7, 5, 1, 1],
+                [1, 1],
+                [1, 1],
+                [0, 0, 0, 0],
+                id,
+            ),
+            (
+                [1, 4, 15, 16],
+                [13, 4, 3, 3],
+                [2, 2],
+                [1, 1],
+                [1, 1, 1, 1],
+                id,
+            ),
+            (
+                [1, 2, 9, 11],
+                [5, 2, 3, 2],
+                [2, 3],
+                [1, 1],
+                [0, 1, 2, 0],
+                id,
+            ),
+            (
+                [1, 3, 12, 12],
+                [6, 3, 3, 3],
+                [1, 1],
+                [2, 2],
+                [2, 2, 2, 2],
+                id,
+            ),
+            (
+                [1, 8, 30, 33],
+                [2, 8, 1, 1],
+                [2, 2],
+                [1, 1],
+                [0, 0, 0, 0],
+                id,
+            ),
+            ([1, 1, 3, 3], [1, 1, 3, 3], [1, 1], [1, 1], [0, 0, 0, 0], id),
+            (
+                [1, 6, 40, 40],
+                [12, 6, 3, 3],
+                [1, 1],
+                [1, 1],
+                [1, 1, 1, 1],
+                id,
+            ),
+            ([1, 3, 5, 5], [3, 3, 1, 1], [1, 1], [1, 1], [1, 1, 1, 1], id),
+            // 180 and 400 taps: sums in two and four passes.
+            (
+                [1, 20, 12, 12],
+                [7, 20, 3, 3],
+                [1, 1],
+                [1, 1],
+                [1, 1, 1, 1],
+                id,
+            ),
+            (
+                [1, 400, 6, 5],
+                [8, 400, 1, 1],
+                [1, 1],
+                [1, 1],
+                [0, 0, 0, 0],
+                id,
+            ),
+            (
+                [1, 4, 10, 10],
+                [6, 4, 3, 3],
+                [1, 1],
+                [1, 1],
+                [1, 1, 1, 1],
+                Activation::Relu,
+            ),
+            (
+                [1, 4, 10, 10],
+                [3, 4, 1, 1],
+                [1, 1],
+                [1, 1],
+                [0, 0, 0, 0],
+                Activation::LeakyRelu { alpha: 0.5 },
+            ),
+            (
+                [1, 4, 10, 10],
+                [5, 4, 3, 3],
+                [1, 1],
+                [1, 1],
+                [1, 1, 1, 1],
+                Activation::Clip { lo: -6.0, hi: 6.0 },
+            ),
+            (
+                [1, 4, 10, 10],
+                [6, 4, 3, 3],
+                [1, 1],
+                [1, 1],
+                [1, 1, 1, 1],
+                Activation::HardSwish {
+                    alpha: 0.25,
+                    beta: 0.5,
+                },
+            ),
+            (
+                [1, 4, 10, 10],
+                [2, 4, 3, 3],
+                [1, 1],
+                [1, 1],
+                [1, 1, 1, 1],
+                Activation::ClipSwish {
+                    shift: 3.0,
+                    lo: 0.0,
+                    hi: 6.0,
+                    div: 6.0,
+                },
+            ),
+        ];
+        for &(xs, ks, strides, dilations, pads, act) in cases {
+            let op = Conv {
+                window: Window {
+                    strides,
+                    dilations,
+                    pads,
+                },
+                act,
+            };
+            let x = values(&mut seed, xs.iter().product());
+            let k = values(&mut seed, ks.iter().product());
+            let b = values(&mut seed, ks[0]);
+            let (want, shape) = reference(&op, &x, xs, &k, ks, &b);
+            let got = op.run(&x, &xs, &k, &ks, &b).expect("runs");
+            assert_eq!(got.shape(), &shape, "{xs:?} {ks:?} {op:?}");
+            let got = got.try_as_plain_ram().expect("runs");
+            assert_eq!(
+                got.as_slice::<f32>().expect("runs"),
+                &want[..],
+                "{xs:?} {ks:?} {op:?}"
+            );
+        }
+    }
+
+    /// Both block loops (the portable one and, where the machine has them, AVX2/FMA) against
+    /// the sum written out, for every block height and length class.
+    #[test]
+    fn block_loops_agree_with_the_plain_sum() {
+        let mut seed = 5;
+        let src = values(&mut seed, 600);
+        let offsets = [0, 1, 2, 40, 41, 42, 80, 81, 82, 200, 201];
+        let wp = values(&mut seed, offsets.len() * ROWS);
+        let bias = values(&mut seed, ROWS);
+        for len in [1, 7, 8, 9, 15, 16, 17, 24, 31, 33, COLS - 1, COLS] {
+            let want = |r: usize, j: usize| {
+                bias[r]
+                    + offsets
+                        .iter()
+                        .enumerate()
+                        .map(|(t, &o)| wp[t * ROWS + r] * src[o + j])
+                        .sum::<f32>()
+            };
+            let check = |stage: &[f32], rows: usize, what: &str| {
+                for r in 0..rows {
+                    for j in 0..len {
+                        assert_eq!(stage[r * COLS + j], want(r, j), "{what} {rows} rows, {len}");
+                    }
+                }
+            };
+            for avx2 in [false, fast()] {
+                let what = if avx2 { "avx2" } else { "portable" };
+                let mut stage = vec![f32::NAN; ROWS * COLS];
+                block::<6>(avx2, &mut stage, len, Some(&bias), &wp, &offsets, &src);
+                check(&stage, 6, what);
+                let mut stage = vec![f32::NAN; ROWS * COLS];
+                block::<1>(avx2, &mut stage, len, Some(&bias), &wp, &offsets, &src);
+                check(&stage, 1, what);
+                let mut stage = vec![f32::NAN; ROWS * COLS];
+                block::<4>(avx2, &mut stage, len, Some(&bias), &wp, &offsets, &src);
+                check(&stage, 4, what);
+                // In two passes: the second continues the first's sums.
+                let mut stage = vec![f32::NAN; ROWS * COLS];
+                let (o1, o2) = offsets.split_at(5);
+                let (w1, w2) = wp.split_at(5 * ROWS);
+                block::<5>(avx2, &mut stage, len, Some(&bias), w1, o1, &src);
+                block::<5>(avx2, &mut stage, len, None, w2, o2, &src);
+                check(&stage, 5, what);
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_and_oversized_kernels_are_errors() {
+        let op = Conv {
+            window: Window {
+                strides: [1, 1],
+                dilations: [1, 1],
+                pads: [0, 0, 0, 0],
+            },
+            act: Activation::Identity,
+        };
+        let x = vec![0f32; 2 * 2 * 2];
+        let k = vec![0f32; 3 * 2 * 9];
+        let err = op.run(&x, &[1, 2, 2, 2], &k, &[3, 2, 3, 3], &[0.0; 3]);
+        assert!(format!("{:?}", err.expect_err("an error")).contains("larger than"));
+        // Kernel input channels differ from the input's.
+        let err = op.run(&x, &[1, 2, 2, 2], &k[..27], &[3, 1, 3, 3], &[0.0; 3]);
+        assert!(err.is_err());
+        // Bias length.
+        let err = op.run(&x, &[1, 2, 2, 2], &[0f32; 6], &[3, 2, 1, 1], &[0.0; 2]);
+        assert!(err.is_err());
+        // Data shorter than its shape.
+        let err = op.run(&x[..4], &[1, 2, 2, 2], &[0f32; 6], &[3, 2, 1, 1], &[0.0; 3]);
+        assert!(err.is_err());
+    }
+}
