@@ -34,9 +34,10 @@ use tract_onnx::tract_hir::to_typed;
 use crate::dwconv::{Geometry, Window};
 
 /// The op type fedge's import writes for a dense convolution, attributes `strides`,
-/// `dilations` (2 ints each), `pads` (4 ints: top, left, bottom, right) and an optional
-/// activation (see [`Activation::from_node`]); inputs `X` `[N, C, H, W]`, `W`
-/// `[M, C, KH, KW]` and `B` `[M]`.
+/// `dilations`, `kernel_shape` (2 ints each), `pads` (4 ints: top, left, bottom, right) and an
+/// optional activation (see [`Activation::from_node`]); inputs `X` `[N, C, H, W]`, the kernel
+/// packed by [`pack`] (`[⌈M / 6⌉, C · KH · KW, 6]`, written by the import so that packing
+/// costs nothing per run) and `B` `[M]`.
 pub(crate) const CONV: &str = "FedgeConv";
 
 /// Output channels per register block.
@@ -45,6 +46,23 @@ const ROWS: usize = 6;
 const COLS: usize = 64;
 /// Most taps (input channels × kernel points) summed per pass over a block's accumulators.
 const TAPS: usize = 128;
+
+/// A `[M, C, KH, KW]` kernel (`taps = C · KH · KW` weights per output channel) in [`CONV`]'s
+/// layout: blocks of [`ROWS`] output channels, tap-major, [`ROWS`] weights per tap, the last
+/// block padded with zeros. Returns the data and its shape.
+pub(crate) fn pack(k: &[f32], m: usize, taps: usize) -> (Vec<f32>, [usize; 3]) {
+    let blocks = m.div_ceil(ROWS);
+    let mut packed = vec![0f32; blocks * taps * ROWS];
+    for (bi, block) in packed.chunks_exact_mut(taps * ROWS).enumerate() {
+        for r in 0..ROWS.min(m - bi * ROWS) {
+            let kernel = &k[(bi * ROWS + r) * taps..(bi * ROWS + r + 1) * taps];
+            for (t, &w) in kernel.iter().enumerate() {
+                block[t * ROWS + r] = w;
+            }
+        }
+    }
+    (packed, [blocks, taps, ROWS])
+}
 
 /// Whether this machine runs [`CONV`] fast: x86-64 with AVX2 and FMA.
 pub(crate) fn fast() -> bool {
@@ -251,24 +269,36 @@ impl Activation {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Conv {
     pub window: Window,
+    /// `[KH, KW]`.
+    pub kernel: [usize; 2],
     /// Applied to every output.
     pub act: Activation,
 }
 
 impl Conv {
     pub(crate) fn from_node(node: &tract_onnx::pb::NodeProto) -> TractResult<Self> {
+        let kernel = node
+            .get_attr_opt_tvec::<usize>("kernel_shape")?
+            .with_context(|| format!("{CONV} without its `kernel_shape` attribute"))?;
+        ensure!(
+            kernel.len() == 2 && kernel.iter().all(|&k| k > 0),
+            "{CONV}: `kernel_shape` must be two positive ints, not {kernel:?}"
+        );
         Ok(Conv {
             window: Window::from_node(node, CONV)?,
+            kernel: [kernel[0], kernel[1]],
             act: Activation::from_node(node, CONV)?,
         })
     }
 
-    fn geometry(&self, x: &[usize], k: &[usize]) -> TractResult<Geometry> {
-        ensure!(
-            x.len() == 4 && k.len() == 4 && k[1] == x[1],
-            "{CONV}: input {x:?} and kernel {k:?} are not NCHW with a [M, C, KH, KW] kernel"
-        );
-        self.window.geometry(CONV, [x[2], x[3]], [k[2], k[3]])
+    /// The packed kernel's shape for `c` input and `m` output channels.
+    fn packed_shape(&self, c: usize, m: usize) -> [usize; 3] {
+        [m.div_ceil(ROWS), c * self.kernel[0] * self.kernel[1], ROWS]
+    }
+
+    fn geometry(&self, x: &[usize]) -> TractResult<Geometry> {
+        ensure!(x.len() == 4, "{CONV}: input {x:?} is not NCHW");
+        self.window.geometry(CONV, [x[2], x[3]], self.kernel)
     }
 
     /// Whether the input is read where it lies: a 1 × 1 kernel, stride 1, no padding.
@@ -276,7 +306,7 @@ impl Conv {
         g.kh == 1 && g.kw == 1 && self.window.strides == [1, 1] && self.window.pads == [0; 4]
     }
 
-    /// The convolution of `x` (`[N, C, H, W]`) by `k` (`[M, C, KH, KW]`) plus `b` (`[M]`),
+    /// The convolution of `x` (`[N, C, H, W]`) by the packed kernel `k` plus `b` (`[M]`),
     /// then the activation.
     pub(crate) fn run(
         &self,
@@ -286,17 +316,17 @@ impl Conv {
         k_shape: &[usize],
         b: &[f32],
     ) -> TractResult<Tensor> {
-        let g = self.geometry(x_shape, k_shape)?;
-        let (n, c, m) = (x_shape[0], x_shape[1], k_shape[0]);
+        let g = self.geometry(x_shape)?;
+        let (n, c, m) = (x_shape[0], x_shape[1], b.len());
+        let want = self.packed_shape(c, m);
+        ensure!(
+            k_shape == want,
+            "{CONV}: packed kernel {k_shape:?} for {c} input and {m} output channels, not {want:?}"
+        );
         ensure!(
             x.len() == x_shape.iter().product::<usize>()
                 && k.len() == k_shape.iter().product::<usize>(),
             "{CONV}: data and shape disagree"
-        );
-        ensure!(
-            b.len() == m,
-            "{CONV}: {} bias values for {m} output channels",
-            b.len()
         );
         let shape = [n, m, g.ho, g.wo];
         // SAFETY: every element is written below (each plane by exactly one call).
@@ -342,7 +372,8 @@ impl Conv {
                     total,
                     |first, chunk| {
                         let c0 = first * ROWS;
-                        self.rows(&g, avx2, src, &offsets, k, &b[c0..], chunk);
+                        let packed = &k[c0 * offsets.len()..];
+                        self.rows(&g, avx2, src, &offsets, packed, &b[c0..], chunk);
                         Ok(())
                     },
                 )?;
@@ -351,8 +382,8 @@ impl Conv {
         Ok(t)
     }
 
-    /// Output planes for the channels whose kernels start `k` and biases start `b`
-    /// (`out.len() / plane` of them), from `src` read at `offsets`.
+    /// Output planes for the channels whose packed kernels start `packed` and biases start
+    /// `b` (`out.len() / plane` of them, from a block boundary), from `src` read at `offsets`.
     #[allow(clippy::too_many_arguments)]
     fn rows(
         &self,
@@ -360,24 +391,15 @@ impl Conv {
         avx2: bool,
         src: &[f32],
         offsets: &[usize],
-        k: &[f32],
+        packed: &[f32],
         b: &[f32],
         out: &mut [f32],
     ) {
         let plane = g.ho * g.wo;
         let m = out.len() / plane;
         let taps = offsets.len();
-        // Kernels packed per block of ROWS output channels: tap-major, ROWS weights per tap.
         let blocks = m.div_ceil(ROWS);
-        let mut packed = vec![0f32; blocks * taps * ROWS];
-        for (bi, block) in packed.chunks_exact_mut(taps * ROWS).enumerate() {
-            for r in 0..ROWS.min(m - bi * ROWS) {
-                let kernel = &k[(bi * ROWS + r) * taps..(bi * ROWS + r + 1) * taps];
-                for (t, &w) in kernel.iter().enumerate() {
-                    block[t * ROWS + r] = w;
-                }
-            }
-        }
+        let packed = &packed[..blocks * taps * ROWS];
         let positions = g.ho * g.wq;
         let reach = offsets.iter().copied().max().unwrap_or(0);
         // Taps per pass over the accumulators, balanced: the input those taps read for one
@@ -588,15 +610,27 @@ unsafe fn block_avx2_fma<const R: usize>(
             }
             j += 8;
         }
-        while j < len {
-            for r in 0..R {
-                let mut a = bias.map_or(*op.add(r * COLS + j), |b| b[r]);
-                for (t, &off) in offsets.iter().enumerate() {
-                    a = (*wpp.add(t * ROWS + r)).mul_add(*sp.add(off + j), a);
-                }
-                *op.add(r * COLS + j) = a;
+        if j < len {
+            // The last 1-7 positions: lanes past `len` masked off (neither read nor written).
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((len - j) as i32), lanes);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = match bias {
+                    Some(b) => _mm256_set1_ps(b[r]),
+                    None => _mm256_maskload_ps(op.add(r * COLS + j), mask),
+                };
             }
-            j += 1;
+            for (t, &off) in offsets.iter().enumerate() {
+                let x0 = _mm256_maskload_ps(sp.add(off + j), mask);
+                let w = wpp.add(t * ROWS);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*w.add(r)), x0, *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                _mm256_maskstore_ps(op.add(r * COLS + j), mask, *a);
+            }
         }
     }
 }
@@ -652,24 +686,23 @@ impl InferenceRulesOp for Conv {
             s.equals(&t.datum_type, f32::datum_type())?;
         }
         s.equals(&inputs[0].rank, 4)?;
-        s.equals(&inputs[1].rank, 4)?;
+        s.equals(&inputs[1].rank, 3)?;
+        s.equals(&inputs[2].rank, 1)?;
         s.equals(&outputs[0].rank, 4)?;
         s.equals(&inputs[0].shape[0], &outputs[0].shape[0])?;
-        s.equals(&inputs[1].shape[0], &outputs[0].shape[1])?;
+        s.equals(&inputs[2].shape[0], &outputs[0].shape[1])?;
         for axis in 0..2 {
-            s.given_2(
-                &inputs[0].shape[2 + axis],
-                &inputs[1].shape[2 + axis],
-                move |s, len, k| {
-                    if let (Ok(len), Ok(k)) = (len.to_usize(), k.to_usize()) {
-                        let out = self.window.out_len(axis, len, k).with_context(|| {
-                            format!("{CONV}: kernel {k} larger than padded {len}")
-                        })?;
-                        s.equals(&outputs[0].shape[2 + axis], out.to_dim())?;
-                    }
-                    Ok(())
-                },
-            )?;
+            let k = self.kernel[axis];
+            s.given(&inputs[0].shape[2 + axis], move |s, len| {
+                if let Ok(len) = len.to_usize() {
+                    let out = self
+                        .window
+                        .out_len(axis, len, k)
+                        .with_context(|| format!("{CONV}: kernel {k} larger than padded {len}"))?;
+                    s.equals(&outputs[0].shape[2 + axis], out.to_dim())?;
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -683,30 +716,33 @@ impl TypedOp for Conv {
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 3, "{CONV} takes input, kernel and bias");
-        let (x, k) = (inputs[0], inputs[1]);
+        let (x, k, b) = (inputs[0], inputs[1], inputs[2]);
         ensure!(
             inputs.iter().all(|f| f.datum_type == f32::datum_type()),
             "{CONV} runs on float32 only"
         );
-        let k_shape = k
-            .shape
-            .as_concrete()
-            .with_context(|| format!("{CONV}: the kernel's shape is not known"))?;
+        let (Some(k_shape), Ok(m), Ok(c)) = (
+            k.shape.as_concrete(),
+            b.shape.first().map_or(Ok(0), |d| d.to_usize()),
+            x.shape.get(1).map_or(Ok(0), |d| d.to_usize()),
+        ) else {
+            bail!("{CONV}: channel counts and the kernel's shape must be known")
+        };
+        let want = self.packed_shape(c, m);
         ensure!(
-            x.rank() == 4
-                && k_shape.len() == 4
-                && x.shape[1].to_usize().is_ok_and(|c| c == k_shape[1]),
-            "{CONV}: input {:?} and kernel {k_shape:?} are not NCHW with a [M, C, KH, KW] kernel",
-            x.shape
+            x.rank() == 4 && b.rank() == 1 && k_shape == want,
+            "{CONV}: input {:?}, packed kernel {k_shape:?} and bias {:?} disagree (kernel {want:?} expected)",
+            x.shape,
+            b.shape
         );
-        let mut shape: TVec<TDim> = tvec![x.shape[0].clone(), k_shape[0].to_dim()];
+        let mut shape: TVec<TDim> = tvec![x.shape[0].clone(), m.to_dim()];
         for axis in 0..2 {
             let len = x.shape[2 + axis]
                 .to_usize()
                 .with_context(|| format!("{CONV}: spatial size {} not known", x.shape[2 + axis]))?;
             let out = self
                 .window
-                .out_len(axis, len, k_shape[2 + axis])
+                .out_len(axis, len, self.kernel[axis])
                 .with_context(|| format!("{CONV}: kernel larger than padded input"))?;
             shape.push(out.to_dim());
         }
@@ -715,15 +751,10 @@ impl TypedOp for Conv {
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let out = self.output_facts(inputs)?;
-        let taps: usize = inputs[1]
-            .shape
-            .iter()
-            .skip(1)
-            .filter_map(|d| d.to_usize().ok())
-            .product();
+        let taps = inputs[1].shape.get(1).and_then(|d| d.to_usize().ok());
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
-            out[0].shape.volume() * taps
+            out[0].shape.volume() * taps.unwrap_or(0)
         )))
     }
 }
@@ -928,13 +959,15 @@ mod tests {
                     dilations,
                     pads,
                 },
+                kernel: [ks[2], ks[3]],
                 act,
             };
             let x = values(&mut seed, xs.iter().product());
             let k = values(&mut seed, ks.iter().product());
             let b = values(&mut seed, ks[0]);
             let (want, shape) = reference(&op, &x, xs, &k, ks, &b);
-            let got = op.run(&x, &xs, &k, &ks, &b).expect("runs");
+            let (packed, packed_shape) = pack(&k, ks[0], ks[1] * ks[2] * ks[3]);
+            let got = op.run(&x, &xs, &packed, &packed_shape, &b).expect("runs");
             assert_eq!(got.shape(), &shape, "{xs:?} {ks:?} {op:?}");
             let got = got.try_as_plain_ram().expect("runs");
             assert_eq!(
@@ -994,26 +1027,74 @@ mod tests {
 
     #[test]
     fn mismatched_shapes_and_oversized_kernels_are_errors() {
-        let op = Conv {
+        let op = |k: usize| Conv {
             window: Window {
                 strides: [1, 1],
                 dilations: [1, 1],
                 pads: [0, 0, 0, 0],
             },
+            kernel: [k, k],
             act: Activation::Identity,
         };
         let x = vec![0f32; 2 * 2 * 2];
-        let k = vec![0f32; 3 * 2 * 9];
-        let err = op.run(&x, &[1, 2, 2, 2], &k, &[3, 2, 3, 3], &[0.0; 3]);
+        let (k3, s3) = pack(&[0f32; 3 * 2 * 9], 3, 18);
+        let err = op(3).run(&x, &[1, 2, 2, 2], &k3, &s3, &[0.0; 3]);
         assert!(format!("{:?}", err.expect_err("an error")).contains("larger than"));
-        // Kernel input channels differ from the input's.
-        let err = op.run(&x, &[1, 2, 2, 2], &k[..27], &[3, 1, 3, 3], &[0.0; 3]);
+        let (k1, s1) = pack(&[0f32; 3 * 2], 3, 2);
+        assert!(op(1).run(&x, &[1, 2, 2, 2], &k1, &s1, &[0.0; 3]).is_ok());
+        // Packed for another input channel count, another output channel count, or short data.
+        let (k1c, s1c) = pack(&[0f32; 3], 3, 1);
+        let err = op(1).run(&x, &[1, 2, 2, 2], &k1c, &s1c, &[0.0; 3]);
+        assert!(format!("{:?}", err.expect_err("an error")).contains("packed kernel"));
+        let err = op(1).run(&x, &[1, 2, 2, 2], &k1, &s1, &[0.0; 7]);
         assert!(err.is_err());
-        // Bias length.
-        let err = op.run(&x, &[1, 2, 2, 2], &[0f32; 6], &[3, 2, 1, 1], &[0.0; 2]);
+        let err = op(1).run(&x[..4], &[1, 2, 2, 2], &k1, &s1, &[0.0; 3]);
         assert!(err.is_err());
-        // Data shorter than its shape.
-        let err = op.run(&x[..4], &[1, 2, 2, 2], &[0f32; 6], &[3, 2, 1, 1], &[0.0; 3]);
+        let err = op(1).run(&x, &[1, 2, 2, 2], &k1[..6], &s1, &[0.0; 3]);
         assert!(err.is_err());
+    }
+
+    /// A model naming `FedgeConv` itself with bad attributes or a kernel of the wrong shape
+    /// gets an error at load, not a panic at run time.
+    #[test]
+    fn bad_attributes_and_kernel_shapes_are_load_errors() {
+        use crate::import::graph::{ints_attr, node};
+        let mut n = node(CONV, "c".into(), &["x", "w", "b"], &["y"], vec![]);
+        let err = Conv::from_node(&n).expect_err("no kernel_shape");
+        assert!(format!("{err:?}").contains("kernel_shape"), "{err:?}");
+        n.attribute.push(ints_attr("kernel_shape", &[3, 0]));
+        assert!(Conv::from_node(&n).is_err(), "a zero kernel side");
+        n.attribute = vec![ints_attr("kernel_shape", &[3, 3])];
+        let op = Conv::from_node(&n).expect("valid");
+        assert_eq!(op.act, Activation::Identity);
+        let mut bad_act = n.clone();
+        bad_act.attribute.extend(Activation::Relu.attributes());
+        bad_act.attribute[1].s = b"swish".to_vec();
+        let err = Conv::from_node(&bad_act).expect_err("unknown activation");
+        assert!(format!("{err:?}").contains("unknown activation"), "{err:?}");
+        let mut no_param = n.clone();
+        no_param
+            .attribute
+            .push(Activation::Clip { lo: 0.0, hi: 6.0 }.attributes()[0].clone());
+        let err = Conv::from_node(&no_param).expect_err("clip without bounds");
+        assert!(format!("{err:?}").contains("needs attribute"), "{err:?}");
+
+        let x = f32::fact([1usize, 4, 8, 8]);
+        let b = f32::fact([5usize]);
+        let good = f32::fact([1usize, 36, ROWS]);
+        let facts = op.output_facts(&[&x, &good, &b]).expect("shapes agree");
+        assert_eq!(
+            facts[0].shape.to_tvec(),
+            tvec![1.to_dim(), 5.to_dim(), 6.to_dim(), 6.to_dim()]
+        );
+        for wrong in [[1usize, 35, ROWS], [2, 36, ROWS], [1, 36, 4]] {
+            let w = f32::fact(wrong);
+            let err = op
+                .output_facts(&[&x, &w, &b])
+                .expect_err("wrong packed shape");
+            assert!(format!("{err:?}").contains("disagree"), "{err:?}");
+        }
+        let bytes = u8::fact([1usize, 4, 8, 8]);
+        assert!(op.output_facts(&[&bytes, &good, &b]).is_err(), "not float");
     }
 }

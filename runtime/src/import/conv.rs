@@ -14,7 +14,7 @@
 //! Everything else stays tract's. Steps are only folded into a convolution whose output (and
 //! each intermediate) has no other reader and is not a graph output.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto};
 
@@ -336,13 +336,60 @@ fn clip_swish(
     ))
 }
 
+/// Tensors known to be one point in space (`[N, C, 1, 1]`): what `GlobalAveragePool` and
+/// `GlobalMaxPool` produce, carried through element-wise ops (with constants) and 1 × 1
+/// convolutions. Dense convolutions of these are matrix-vector products, which tract's own
+/// kernels do at memory speed.
+fn single_points(g: &GraphProto, consts: &HashMap<String, TensorProto>) -> HashSet<String> {
+    let mut points = HashSet::new();
+    for n in &g.node {
+        let Some(out) = n.output.first() else {
+            continue;
+        };
+        let first_is_point = n.input.first().is_some_and(|x| points.contains(x));
+        let others_const = n.input.iter().skip(1).all(|x| consts.contains_key(x));
+        let point = match n.op_type.as_str() {
+            "GlobalAveragePool" | "GlobalMaxPool" => true,
+            "Relu" | "Sigmoid" | "HardSigmoid" | "HardSwish" | "LeakyRelu" | "Tanh"
+            | "Identity" | "Clip" => first_is_point && others_const,
+            "Add" | "Mul" | "Sub" | "Div" => {
+                n.input.iter().any(|x| points.contains(x))
+                    && n.input
+                        .iter()
+                        .all(|x| points.contains(x) || consts.contains_key(x))
+            }
+            "Conv" => {
+                let one = |name: &str| ints(n, name).is_none_or(|v| v.iter().all(|&d| d == 1));
+                let unpadded = ints(n, "pads").is_none_or(|v| v.iter().all(|&d| d == 0));
+                let kernel_1x1 = n
+                    .input
+                    .get(1)
+                    .and_then(|w| consts.get(w))
+                    .is_some_and(|w| w.dims.len() == 4 && w.dims[2] == 1 && w.dims[3] == 1);
+                first_is_point && one("strides") && unpadded && kernel_1x1
+            }
+            _ => false,
+        };
+        if point && n.domain.is_empty() {
+            points.insert(out.clone());
+        }
+    }
+    points
+}
+
 pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
-    let dense = crate::conv::fast();
+    let fast = crate::conv::fast();
     let (mut depthwise, mut dense_done, mut folded, mut activations) = (0usize, 0, 0, 0);
     let consts = constants(g);
+    let points = single_points(g, &consts);
+    // Constants read by the nodes replaced: dropped at the end when nothing else reads them,
+    // so that the model does not hold both the original and the folded weights.
+    let mut replaced: HashSet<String> = HashSet::new();
     let mut i = 0;
     while i < g.node.len() {
-        let Some((mut filter, mut attributes)) = qualify(&g.node[i], &consts, dense) else {
+        let n = &g.node[i];
+        let dense = fast && !n.input.first().is_some_and(|x| points.contains(x));
+        let Some((mut filter, mut attributes)) = qualify(n, &consts, dense) else {
             i += 1;
             continue;
         };
@@ -350,7 +397,7 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
         while let Some((j, s, t)) = affine_after(g, &consts, &out, filter.channels) {
             filter.scale_shift(&s, &t);
             out = g.node[j].output[0].clone();
-            g.node.remove(j);
+            replaced.extend(g.node.remove(j).input);
             folded += 1;
         }
         if let Some((mut spanned, act, last)) = activation_after(g, &consts, &out) {
@@ -358,7 +405,7 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
             out = last;
             spanned.sort_unstable();
             for j in spanned.into_iter().rev() {
-                g.node.remove(j);
+                replaced.extend(g.node.remove(j).input);
             }
             activations += 1;
         }
@@ -373,12 +420,20 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
             format!("{base}_fedge_conv_b"),
         );
         let dims = consts[&n.input[1]].dims.clone();
-        g.initializer.push(f32_tensor(&w_name, &dims, &filter.w));
+        if filter.dense {
+            let (packed, shape) = crate::conv::pack(&filter.w, filter.channels, filter.taps);
+            let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            g.initializer.push(f32_tensor(&w_name, &shape, &packed));
+            attributes.push(ints_attr("kernel_shape", &dims[2..]));
+        } else {
+            g.initializer.push(f32_tensor(&w_name, &dims, &filter.w));
+        }
         g.initializer
             .push(f32_tensor(&b_name, &[filter.channels as i64], &filter.b));
         let n = &mut g.node[i];
         n.op_type = if filter.dense { CONV } else { DEPTHWISE_CONV }.into();
         n.domain = "ai.fedge".into();
+        replaced.extend(n.input.drain(1..));
         n.input = vec![n.input[0].clone(), w_name, b_name];
         n.output = vec![out];
         n.attribute = attributes;
@@ -388,6 +443,19 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
             depthwise += 1;
         }
         i += 1;
+    }
+    if !replaced.is_empty() {
+        let mut read = HashSet::new();
+        super::graph::names_read(g, &mut read);
+        g.initializer
+            .retain(|t| !replaced.contains(&t.name) || read.contains(&t.name));
+        g.node.retain(|n| {
+            n.op_type != "Constant"
+                || !n
+                    .output
+                    .iter()
+                    .any(|o| replaced.contains(o) && !read.contains(o))
+        });
     }
     if depthwise + dense_done > 0 {
         report.push(format!(

@@ -57,6 +57,19 @@ pub(crate) fn producers(g: &GraphProto) -> HashMap<String, usize> {
     out
 }
 
+/// Every tensor name read by a node of `g` or of its subgraphs, and `g`'s outputs.
+pub(crate) fn names_read(g: &GraphProto, out: &mut std::collections::HashSet<String>) {
+    out.extend(g.output.iter().map(|o| o.name.clone()));
+    for n in &g.node {
+        out.extend(n.input.iter().cloned());
+        for a in &n.attribute {
+            for sub in a.g.iter().chain(&a.graphs) {
+                names_read(sub, out);
+            }
+        }
+    }
+}
+
 /// Indices of the nodes reading each tensor name (subgraphs count as readers of their node).
 pub(crate) fn consumers(g: &GraphProto) -> HashMap<String, Vec<usize>> {
     let mut out: HashMap<String, Vec<usize>> = HashMap::new();
