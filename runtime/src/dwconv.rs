@@ -160,14 +160,7 @@ impl Window {
                 let (p0, p1) = (&mut p0[..g.wq], &mut p1[..g.wq]);
                 let (even, odd) = if pl % 2 == 0 { (p0, p1) } else { (p1, p0) };
                 let (even, odd) = (&mut even[pl / 2..], &mut odd[pl.div_ceil(2)..]);
-                let pairs = row.chunks_exact(2);
-                if let [last] = pairs.remainder() {
-                    even[g.w / 2] = *last;
-                }
-                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(pairs) {
-                    *e = pair[0];
-                    *o = pair[1];
-                }
+                deinterleave(row, even, odd);
             } else {
                 // Phase `b` holds padded columns `b, b + sw, ...`: input columns `j·sw + b - pl`.
                 for b in 0..sw {
@@ -189,6 +182,52 @@ impl Window {
             .map(|(ky, kx)| self.tap_offset(g, ky, kx))
             .collect()
     }
+}
+
+/// `even[i] = row[2i]`, `odd[i] = row[2i + 1]`; `even` and `odd` hold at least
+/// `⌈len / 2⌉` and `⌊len / 2⌋` values.
+fn deinterleave(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::conv::fast() {
+        // SAFETY: AVX2 and FMA were just detected.
+        done = unsafe { deinterleave_avx2(row, even, odd) };
+    }
+    let (row, even, odd) = (&row[2 * done..], &mut even[done..], &mut odd[done..]);
+    let pairs = row.chunks_exact(2);
+    if let [last] = pairs.remainder() {
+        even[row.len() / 2] = *last;
+    }
+    for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(pairs) {
+        *e = pair[0];
+        *o = pair[1];
+    }
+}
+
+/// [`deinterleave`] 16 values at a time; returns how many pairs it wrote.
+///
+/// # Safety
+/// The machine must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn deinterleave_avx2(row: &[f32], even: &mut [f32], odd: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = (row.len() / 16).min(even.len() / 8).min(odd.len() / 8);
+    for i in 0..n {
+        // SAFETY: `16 i + 16 <= row.len()`, `8 i + 8 <=` both outputs' lengths.
+        unsafe {
+            let a = _mm256_loadu_ps(row.as_ptr().add(16 * i));
+            let b = _mm256_loadu_ps(row.as_ptr().add(16 * i + 8));
+            // [a0 a2 b0 b2 | a4 a6 b4 b6], then 64-bit lanes in order 0, 2, 1, 3.
+            let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e)));
+            let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(o)));
+            _mm256_storeu_ps(even.as_mut_ptr().add(8 * i), e);
+            _mm256_storeu_ps(odd.as_mut_ptr().add(8 * i), o);
+        }
+    }
+    8 * n
 }
 
 impl DepthwiseConv {
@@ -358,57 +397,88 @@ fn taps_generic(acc: &mut [f32], b: f32, src: &[f32], taps: &[usize], k: &[f32])
     }
 }
 
-/// [`taps_generic`] with AVX2 and FMA: 32 outputs in four registers across all taps.
+/// [`taps_generic`] with AVX2 and FMA: up to 64 outputs in eight registers across all taps
+/// (eight independent multiply-add chains hide the latency), the last 1-7 outputs in a masked
+/// register.
 ///
 /// # Safety
 /// The machine must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn taps_avx2_fma(acc: &mut [f32], b: f32, src: &[f32], taps: &[usize], k: &[f32]) {
-    use std::arch::x86_64::*;
     let len = acc.len();
     assert!(
         k.len() >= taps.len() && taps.iter().all(|&off| off + len <= src.len()),
         "depthwise taps read past the scratch"
     );
-    let (sp, ap, kp) = (src.as_ptr(), acc.as_mut_ptr(), k.as_ptr());
-    let bv = _mm256_set1_ps(b);
     let mut j = 0;
-    // SAFETY: every load is at `off + j + i` with `j + i < len` and `off + len <= src.len()`
-    // (asserted above); every store below `len`.
+    // SAFETY (every call): positions `j..j + 8 N` (the last vector only up to `len`) are
+    // below `len`, and `off + len <= src.len()` for every tap (asserted above).
     unsafe {
-        while j + 32 <= len {
-            let (mut a0, mut a1, mut a2, mut a3) = (bv, bv, bv, bv);
-            for (t, &off) in taps.iter().enumerate() {
-                let w = _mm256_broadcast_ss(&*kp.add(t));
-                let p = sp.add(off + j);
-                a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p), a0);
-                a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.add(8)), a1);
-                a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.add(16)), a2);
-                a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.add(24)), a3);
-            }
-            _mm256_storeu_ps(ap.add(j), a0);
-            _mm256_storeu_ps(ap.add(j + 8), a1);
-            _mm256_storeu_ps(ap.add(j + 16), a2);
-            _mm256_storeu_ps(ap.add(j + 24), a3);
-            j += 32;
+        while j + 64 <= len {
+            outputs_avx2_fma::<8>(acc, b, src, taps, k, j, 8);
+            j += 64;
         }
-        while j + 8 <= len {
-            let mut a0 = bv;
-            for (t, &off) in taps.iter().enumerate() {
-                let w = _mm256_broadcast_ss(&*kp.add(t));
-                a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(sp.add(off + j)), a0);
-            }
-            _mm256_storeu_ps(ap.add(j), a0);
-            j += 8;
+        let rest = len - j;
+        let last = rest - (rest.saturating_sub(1) / 8) * 8;
+        match rest.div_ceil(8) {
+            0 => {}
+            1 => outputs_avx2_fma::<1>(acc, b, src, taps, k, j, last),
+            2 => outputs_avx2_fma::<2>(acc, b, src, taps, k, j, last),
+            3 => outputs_avx2_fma::<3>(acc, b, src, taps, k, j, last),
+            4 => outputs_avx2_fma::<4>(acc, b, src, taps, k, j, last),
+            5 => outputs_avx2_fma::<5>(acc, b, src, taps, k, j, last),
+            6 => outputs_avx2_fma::<6>(acc, b, src, taps, k, j, last),
+            7 => outputs_avx2_fma::<7>(acc, b, src, taps, k, j, last),
+            _ => outputs_avx2_fma::<8>(acc, b, src, taps, k, j, last),
         }
-        while j < len {
-            let mut a = b;
-            for (t, &off) in taps.iter().enumerate() {
-                a = (*kp.add(t)).mul_add(*sp.add(off + j), a);
+    }
+}
+
+/// Outputs `j..j + 8 (N - 1) + last` (`1 <= last <= 8`) of [`taps_avx2_fma`], `N` registers.
+///
+/// # Safety
+/// The machine must have AVX2 and FMA; those outputs are below `acc.len()` and every tap's
+/// reads below `src.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn outputs_avx2_fma<const N: usize>(
+    acc: &mut [f32],
+    b: f32,
+    src: &[f32],
+    taps: &[usize],
+    k: &[f32],
+    j: usize,
+    last: usize,
+) {
+    use std::arch::x86_64::*;
+    let (sp, ap) = (src.as_ptr(), acc.as_mut_ptr());
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(last as i32), lanes);
+    let full = last == 8;
+    let mut a = [_mm256_set1_ps(b); N];
+    // SAFETY: the caller's contract; lanes past `last` in the last register are neither
+    // read nor written.
+    unsafe {
+        for (&off, &w) in taps.iter().zip(k) {
+            let w = _mm256_set1_ps(w);
+            let p = sp.add(off + j);
+            for (i, a) in a.iter_mut().enumerate() {
+                let x = if i + 1 < N || full {
+                    _mm256_loadu_ps(p.add(8 * i))
+                } else {
+                    _mm256_maskload_ps(p.add(8 * i), mask)
+                };
+                *a = _mm256_fmadd_ps(w, x, *a);
             }
-            *ap.add(j) = a;
-            j += 1;
+        }
+        for (i, a) in a.iter().enumerate() {
+            if i + 1 < N || full {
+                _mm256_storeu_ps(ap.add(j + 8 * i), *a);
+            } else {
+                _mm256_maskstore_ps(ap.add(j + 8 * i), mask, *a);
+            }
         }
     }
 }
@@ -616,6 +686,8 @@ mod tests {
             ([2, 4, 14, 14], [5, 5], [1, 1], [1, 1], [2, 2, 2, 2]),
             ([1, 5, 15, 16], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
             ([1, 2, 14, 13], [5, 5], [2, 2], [1, 1], [2, 2, 2, 2]),
+            ([1, 2, 9, 37], [3, 3], [2, 2], [1, 1], [1, 1, 1, 2]),
+            ([1, 2, 7, 40], [3, 3], [2, 2], [1, 1], [0, 0, 1, 1]),
             ([1, 2, 9, 11], [3, 2], [2, 3], [1, 1], [0, 1, 2, 0]),
             ([1, 3, 12, 12], [3, 3], [1, 1], [2, 2], [2, 2, 2, 2]),
             ([1, 2, 10, 10], [3, 3], [3, 2], [2, 1], [0, 0, 0, 0]),
@@ -650,14 +722,14 @@ mod tests {
     }
 
     /// Both tap loops (the portable one and, where the machine has them, AVX2/FMA) against
-    /// the sum written out, on every length class (blocks of 32, of 8, and the tail).
+    /// the sum written out, on every length class (blocks of 64, one to seven whole registers, the masked tail).
     #[test]
     fn tap_loops_agree_with_the_plain_sum() {
         let mut seed = 3;
         let src = values(&mut seed, 400);
         let taps = [0, 1, 2, 40, 41, 42, 80, 81, 82];
         let k = values(&mut seed, taps.len());
-        for len in [1, 7, 8, 9, 31, 32, 33, 70, 300] {
+        for len in [1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 70, 127, 300] {
             let want: Vec<f32> = (0..len)
                 .map(|j| {
                     0.5 + taps
