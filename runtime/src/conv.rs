@@ -76,6 +76,40 @@ pub(crate) fn fast() -> bool {
     }
 }
 
+/// Stores the first `n` (at most 8) lanes of `v` at `dst`, in stores of 4, 2 and 1 lanes. A
+/// masked store (`vmaskmovps`) is microcoded on AMD's Zen cores, a dozen cycles or more.
+///
+/// # Safety
+/// The machine must have AVX2; `dst` must be valid for `n` writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn store_lanes(dst: *mut f32, v: std::arch::x86_64::__m256, n: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: lanes `0..n` go to `dst..dst + n`, which the caller vouches for.
+    unsafe {
+        if n >= 8 {
+            _mm256_storeu_ps(dst, v);
+            return;
+        }
+        let (mut p, mut n) = (dst, n);
+        let mut low = _mm256_castps256_ps128(v);
+        if n >= 4 {
+            _mm_storeu_ps(p, low);
+            low = _mm256_extractf128_ps::<1>(v);
+            (p, n) = (p.add(4), n - 4);
+        }
+        if n >= 2 {
+            _mm_store_sd(p.cast(), _mm_castps_pd(low));
+            low = _mm_movehl_ps(low, low);
+            (p, n) = (p.add(2), n - 2);
+        }
+        if n == 1 {
+            _mm_store_ss(p, low);
+        }
+    }
+}
+
 /// An activation applied to a convolution's outputs, computed as ONNX defines it, one f32
 /// rounding per step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -250,9 +284,7 @@ impl Activation {
         self.copy_with(dst, src);
     }
 
-    /// [`Activation::apply`] eight lanes at a time. Each lane is computed exactly as
-    /// [`Activation::one`] computes it: `max`/`min` take their second operand when the
-    /// comparison is false (a NaN passes through as `one` passes it), and nothing is fused.
+    /// [`Activation::apply`] eight lanes at a time through [`Activation::vec`].
     ///
     /// # Safety
     /// The machine must have AVX2 and FMA.
@@ -262,8 +294,6 @@ impl Activation {
         use std::arch::x86_64::*;
         let len = dst.len().min(src.len());
         let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
-        let zero = _mm256_setzero_ps();
-        let one = _mm256_set1_ps(1.0);
         // `$f` maps one vector of inputs.
         macro_rules! lanes {
             (|$x:ident| $f:expr) => {{
@@ -284,45 +314,52 @@ impl Activation {
                     // SAFETY: only lanes below `len - i` are loaded or stored.
                     unsafe {
                         let $x = _mm256_maskload_ps(sp.add(i), mask);
-                        _mm256_maskstore_ps(dp.add(i), mask, $f);
+                        store_lanes(dp.add(i), $f, len - i);
                     }
                 }
             }};
         }
         match self {
             Activation::Identity => dst.copy_from_slice(src),
+            // One arm per kind, so that `vec`'s match folds away in each loop.
+            Activation::Relu => lanes!(|x| self.vec(x)),
+            Activation::LeakyRelu { .. } => lanes!(|x| self.vec(x)),
+            Activation::Clip { .. } => lanes!(|x| self.vec(x)),
+            Activation::HardSwish { .. } => lanes!(|x| self.vec(x)),
+            Activation::ClipSwish { .. } => lanes!(|x| self.vec(x)),
+        }
+    }
+
+    /// [`Activation::one`] on eight lanes. Each lane is computed exactly as `one` computes it:
+    /// `max`/`min` take their second operand when the comparison is false (a NaN passes
+    /// through as in `one`), and nothing is fused.
+    ///
+    /// # Safety
+    /// The machine must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) unsafe fn vec(self, x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let zero = _mm256_setzero_ps();
+        let c = _mm256_set1_ps;
+        match self {
+            Activation::Identity => x,
             // `x < 0 ? 0 : x`
-            Activation::Relu => lanes!(|x| _mm256_max_ps(zero, x)),
-            Activation::LeakyRelu { alpha } => {
-                let a = _mm256_set1_ps(alpha);
-                lanes!(|x| _mm256_blendv_ps(
-                    x,
-                    _mm256_mul_ps(a, x),
-                    _mm256_cmp_ps::<_CMP_LT_OQ>(x, zero)
-                ))
-            }
-            Activation::Clip { lo, hi } => {
-                let (l, h) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
-                lanes!(|x| _mm256_min_ps(h, _mm256_max_ps(l, x)))
-            }
+            Activation::Relu => _mm256_max_ps(zero, x),
+            Activation::LeakyRelu { alpha } => _mm256_blendv_ps(
+                x,
+                _mm256_mul_ps(c(alpha), x),
+                _mm256_cmp_ps::<_CMP_LT_OQ>(x, zero),
+            ),
+            Activation::Clip { lo, hi } => _mm256_min_ps(c(hi), _mm256_max_ps(c(lo), x)),
             Activation::HardSwish { alpha, beta } => {
-                let (a, b) = (_mm256_set1_ps(alpha), _mm256_set1_ps(beta));
-                lanes!(|x| {
-                    let t = _mm256_add_ps(_mm256_mul_ps(a, x), b);
-                    _mm256_mul_ps(x, _mm256_min_ps(one, _mm256_max_ps(zero, t)))
-                })
+                let t = _mm256_add_ps(_mm256_mul_ps(c(alpha), x), c(beta));
+                _mm256_mul_ps(x, _mm256_min_ps(c(1.0), _mm256_max_ps(zero, t)))
             }
             Activation::ClipSwish { shift, lo, hi, div } => {
-                let (s, l, h, d) = (
-                    _mm256_set1_ps(shift),
-                    _mm256_set1_ps(lo),
-                    _mm256_set1_ps(hi),
-                    _mm256_set1_ps(div),
-                );
-                lanes!(|x| {
-                    let t = _mm256_min_ps(h, _mm256_max_ps(l, _mm256_add_ps(x, s)));
-                    _mm256_div_ps(_mm256_mul_ps(x, t), d)
-                })
+                let t = _mm256_min_ps(c(hi), _mm256_max_ps(c(lo), _mm256_add_ps(x, c(shift))));
+                _mm256_div_ps(_mm256_mul_ps(x, t), c(div))
             }
         }
     }
@@ -489,20 +526,32 @@ impl Conv {
                     let rows = ROWS.min(m - r0);
                     let init = (t0 == 0).then(|| &b[r0..r0 + rows]);
                     let (wp, offsets) = (&wp[t0 * ROWS..t1 * ROWS], &offsets[t0..t1]);
+                    // The last pass writes the output itself where positions are output
+                    // indices (no discarded columns).
+                    let direct = (avx2 && g.wq == g.wo && t1 == taps).then(|| Direct {
+                        ptr: out[r0 * plane + j0..].as_mut_ptr(),
+                        stride: plane,
+                        act: self.act,
+                    });
+                    // SAFETY: `direct` starts at row `r0`, position `j0` of `out`, which holds
+                    // `m` planes; the block writes rows `r0..r0 + rows` and positions
+                    // `j0..j0 + len` of them, all inside.
                     match rows {
-                        6 => block::<6>(avx2, acc, len, init, wp, offsets, src),
-                        5 => block::<5>(avx2, acc, len, init, wp, offsets, src),
-                        4 => block::<4>(avx2, acc, len, init, wp, offsets, src),
-                        3 => block::<3>(avx2, acc, len, init, wp, offsets, src),
-                        2 => block::<2>(avx2, acc, len, init, wp, offsets, src),
-                        _ => block::<1>(avx2, acc, len, init, wp, offsets, src),
+                        6 => unsafe { block::<6>(avx2, acc, len, init, wp, offsets, src, direct) },
+                        5 => unsafe { block::<5>(avx2, acc, len, init, wp, offsets, src, direct) },
+                        4 => unsafe { block::<4>(avx2, acc, len, init, wp, offsets, src, direct) },
+                        3 => unsafe { block::<3>(avx2, acc, len, init, wp, offsets, src, direct) },
+                        2 => unsafe { block::<2>(avx2, acc, len, init, wp, offsets, src, direct) },
+                        _ => unsafe { block::<1>(avx2, acc, len, init, wp, offsets, src, direct) },
                     }
                 }
                 t0 = t1;
             }
-            for r in 0..m {
-                let acc = &stage[(r / ROWS) * ROWS * COLS + (r % ROWS) * COLS..][..len];
-                self.scatter(g, j0, acc, &mut out[r * plane..(r + 1) * plane]);
+            if !(avx2 && g.wq == g.wo) {
+                for r in 0..m {
+                    let acc = &stage[(r / ROWS) * ROWS * COLS + (r % ROWS) * COLS..][..len];
+                    self.scatter(g, j0, acc, &mut out[r * plane..(r + 1) * plane]);
+                }
             }
             j0 += len;
         }
@@ -531,8 +580,11 @@ impl Conv {
 /// `R` rows of `stage` (`COLS` apart), positions `0..len`:
 /// `stage[r][j] = s + Σ_t wp[t · ROWS + r] · src[offsets[t] + j]`, where `s` is `bias[r]` when
 /// `bias` is given and `stage[r][j]` (a sum over earlier taps) when not.
+///
+/// # Safety
+/// With `direct`, its rows `0..R` must be valid for writes at positions `0..len`.
 #[allow(clippy::too_many_arguments)]
-fn block<const R: usize>(
+unsafe fn block<const R: usize>(
     avx2: bool,
     stage: &mut [f32],
     len: usize,
@@ -540,15 +592,27 @@ fn block<const R: usize>(
     wp: &[f32],
     offsets: &[usize],
     src: &[f32],
+    direct: Option<Direct>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
-        // SAFETY: `avx2` is true only when AVX2 and FMA were detected on this machine.
-        unsafe { block_avx2_fma::<R>(stage, len, bias, wp, offsets, src) };
+        // SAFETY: `avx2` is true only when AVX2 and FMA were detected on this machine; the
+        // caller vouches for `direct`.
+        unsafe { block_avx2_fma::<R>(stage, len, bias, wp, offsets, src, direct) };
         return;
     }
+    assert!(direct.is_none(), "{CONV}: direct output needs AVX2");
     let _ = avx2;
     block_generic::<R>(stage, len, bias, wp, offsets, src);
+}
+
+/// Where [`block_avx2_fma`] writes its finished sums instead of the stage: row `r`, position
+/// `j` at `ptr + r · stride + j`, through `act`.
+#[derive(Clone, Copy)]
+struct Direct {
+    ptr: *mut f32,
+    stride: usize,
+    act: Activation,
 }
 
 fn block_generic<const R: usize>(
@@ -596,9 +660,11 @@ fn block_generic<const R: usize>(
 }
 
 /// [`block_generic`] with AVX2 and FMA: `R` rows × 16 positions in registers across all taps.
+/// With `direct`, the sums go through its activation to its rows instead of the stage.
 ///
 /// # Safety
-/// The machine must have AVX2 and FMA.
+/// The machine must have AVX2 and FMA; with `direct`, its rows `0..R` must be valid for
+/// writes at positions `0..len`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2_fma<const R: usize>(
@@ -608,6 +674,7 @@ unsafe fn block_avx2_fma<const R: usize>(
     wp: &[f32],
     offsets: &[usize],
     src: &[f32],
+    direct: Option<Direct>,
 ) {
     use std::arch::x86_64::*;
     assert!(
@@ -647,8 +714,14 @@ unsafe fn block_avx2_fma<const R: usize>(
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(op.add(r * COLS + j), a[0]);
-                _mm256_storeu_ps(op.add(r * COLS + j + 8), a[1]);
+                if let Some(d) = direct {
+                    let p = d.ptr.add(r * d.stride + j);
+                    _mm256_storeu_ps(p, d.act.vec(a[0]));
+                    _mm256_storeu_ps(p.add(8), d.act.vec(a[1]));
+                } else {
+                    _mm256_storeu_ps(op.add(r * COLS + j), a[0]);
+                    _mm256_storeu_ps(op.add(r * COLS + j + 8), a[1]);
+                }
             }
             j += 16;
         }
@@ -668,7 +741,11 @@ unsafe fn block_avx2_fma<const R: usize>(
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(op.add(r * COLS + j), *a);
+                if let Some(d) = direct {
+                    _mm256_storeu_ps(d.ptr.add(r * d.stride + j), d.act.vec(*a));
+                } else {
+                    _mm256_storeu_ps(op.add(r * COLS + j), *a);
+                }
             }
             j += 8;
         }
@@ -691,7 +768,11 @@ unsafe fn block_avx2_fma<const R: usize>(
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                _mm256_maskstore_ps(op.add(r * COLS + j), mask, *a);
+                if let Some(d) = direct {
+                    store_lanes(d.ptr.add(r * d.stride + j), d.act.vec(*a), len - j);
+                } else {
+                    store_lanes(op.add(r * COLS + j), *a, len - j);
+                }
             }
         }
     }
@@ -1013,6 +1094,18 @@ mod tests {
                     div: 6.0,
                 },
             ),
+            // Written straight to the output (1 x 1, no padding): 70 positions, 13 rows.
+            (
+                [1, 9, 7, 10],
+                [13, 9, 1, 1],
+                [1, 1],
+                [1, 1],
+                [0, 0, 0, 0],
+                Activation::HardSwish {
+                    alpha: 0.2,
+                    beta: 0.5,
+                },
+            ),
         ];
         for &(xs, ks, strides, dilations, pads, act) in cases {
             let op = Conv {
@@ -1074,7 +1167,7 @@ mod tests {
             },
         ];
         for act in kinds {
-            for len in [0, 1, 7, 8, 9, 16, 23, src.len()] {
+            for len in (0..=17).chain([23, src.len()]) {
                 let mut dst = vec![1234.5f32; len];
                 act.apply(&mut dst, &src[src.len() - len..]);
                 for (d, &s) in dst.iter().zip(&src[src.len() - len..]) {
@@ -1116,20 +1209,58 @@ mod tests {
             for avx2 in [false, fast()] {
                 let what = if avx2 { "avx2" } else { "portable" };
                 let mut stage = vec![f32::NAN; ROWS * COLS];
-                block::<6>(avx2, &mut stage, len, Some(&bias), &wp, &offsets, &src);
+                // SAFETY: no direct output.
+                unsafe {
+                    block::<6>(
+                        avx2,
+                        &mut stage,
+                        len,
+                        Some(&bias),
+                        &wp,
+                        &offsets,
+                        &src,
+                        None,
+                    )
+                };
                 check(&stage, 6, what);
                 let mut stage = vec![f32::NAN; ROWS * COLS];
-                block::<1>(avx2, &mut stage, len, Some(&bias), &wp, &offsets, &src);
+                // SAFETY: no direct output.
+                unsafe {
+                    block::<1>(
+                        avx2,
+                        &mut stage,
+                        len,
+                        Some(&bias),
+                        &wp,
+                        &offsets,
+                        &src,
+                        None,
+                    )
+                };
                 check(&stage, 1, what);
                 let mut stage = vec![f32::NAN; ROWS * COLS];
-                block::<4>(avx2, &mut stage, len, Some(&bias), &wp, &offsets, &src);
+                // SAFETY: no direct output.
+                unsafe {
+                    block::<4>(
+                        avx2,
+                        &mut stage,
+                        len,
+                        Some(&bias),
+                        &wp,
+                        &offsets,
+                        &src,
+                        None,
+                    )
+                };
                 check(&stage, 4, what);
                 // In two passes: the second continues the first's sums.
                 let mut stage = vec![f32::NAN; ROWS * COLS];
                 let (o1, o2) = offsets.split_at(5);
                 let (w1, w2) = wp.split_at(5 * ROWS);
-                block::<5>(avx2, &mut stage, len, Some(&bias), w1, o1, &src);
-                block::<5>(avx2, &mut stage, len, None, w2, o2, &src);
+                // SAFETY: no direct output.
+                unsafe { block::<5>(avx2, &mut stage, len, Some(&bias), w1, o1, &src, None) };
+                // SAFETY: no direct output.
+                unsafe { block::<5>(avx2, &mut stage, len, None, w2, o2, &src, None) };
                 check(&stage, 5, what);
             }
         }

@@ -477,7 +477,7 @@ unsafe fn outputs_avx2_fma<const N: usize>(
             if i + 1 < N || full {
                 _mm256_storeu_ps(ap.add(j + 8 * i), *a);
             } else {
-                _mm256_maskstore_ps(ap.add(j + 8 * i), mask, *a);
+                crate::conv::store_lanes(ap.add(j + 8 * i), *a, last);
             }
         }
     }
