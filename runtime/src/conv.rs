@@ -46,6 +46,8 @@ const ROWS: usize = 6;
 const COLS: usize = 64;
 /// Most taps (input channels × kernel points) summed per pass over a block's accumulators.
 const TAPS: usize = 128;
+/// Most floats gathered for one image (1 MiB): past this the phase-split scratch is used.
+const GATHER_FLOATS: usize = 1 << 18;
 
 /// A `[M, C, KH, KW]` kernel (`taps = C · KH · KW` weights per output channel) in [`CONV`]'s
 /// layout: blocks of [`ROWS`] output channels, tap-major, [`ROWS`] weights per tap, the last
@@ -405,6 +407,45 @@ impl Conv {
         g.kh == 1 && g.kw == 1 && self.window.strides == [1, 1] && self.window.pads == [0; 4]
     }
 
+    /// Whether to gather one row of output positions per tap (`C·KH·KW` rows of `HO·WO`)
+    /// instead of the phase-split scratch: for a strided or padded 1 × 1 kernel (the scratch
+    /// would copy every phase of the input, one is read), and for small outputs whose scratch
+    /// rows would carry a quarter or more of discarded columns (ResNet's last stages: 3 × 3
+    /// on 5 × 2 computes 5 × 4 positions).
+    fn gathers(&self, g: &Geometry, c: usize) -> bool {
+        let taps = c * g.kh * g.kw;
+        g.kh * g.kw == 1 || (4 * g.wq >= 5 * g.wo && taps * g.ho * g.wo <= GATHER_FLOATS)
+    }
+
+    /// `rows[t][y · WO + x]` = the input under tap `t` (channel, ky, kx) of output `(y, x)`,
+    /// zero in the padding.
+    fn gather(&self, g: &Geometry, x: &[f32], rows: &mut [f32]) {
+        let [sh, sw] = self.window.strides;
+        let [dh, dw] = self.window.dilations;
+        let (pt, pl) = (self.window.pads[0], self.window.pads[1]);
+        let plane = g.ho * g.wo;
+        let taps = g.kh * g.kw;
+        for (t, row) in rows.chunks_exact_mut(plane).enumerate() {
+            let (ci, ky, kx) = (t / taps, (t % taps) / g.kw, t % g.kw);
+            let channel = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            for (y, out) in row.chunks_exact_mut(g.wo).enumerate() {
+                // Padded row `y · sh + ky · dh` is input row that minus `pt`.
+                let Some(iy) = (y * sh + ky * dh).checked_sub(pt).filter(|&iy| iy < g.h) else {
+                    out.fill(0.0);
+                    continue;
+                };
+                let line = &channel[iy * g.w..(iy + 1) * g.w];
+                for (xo, o) in out.iter_mut().enumerate() {
+                    *o = (xo * sw + kx * dw)
+                        .checked_sub(pl)
+                        .and_then(|ix| line.get(ix))
+                        .copied()
+                        .unwrap_or(0.0);
+                }
+            }
+        }
+    }
+
     /// The convolution of `x` (`[N, C, H, W]`) by the packed kernel `k` plus `b` (`[M]`),
     /// then the activation.
     pub(crate) fn run(
@@ -432,17 +473,40 @@ impl Conv {
         let mut t = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         let plane = g.ho * g.wo;
         let in_place = self.in_place(&g);
-        // Distance between two input channels in what the kernel reads.
-        let stride = if in_place {
-            g.h * g.w
+        let gathered = !in_place && self.gathers(&g, c);
+        // What the kernel reads: the input itself, one gathered row per tap, or the zero-padded
+        // phase-split scratch, one per channel; `offsets[t]` is where tap `t` starts there.
+        let (stride, offsets, rows_g) = if gathered {
+            // Positions are output indices: the geometry of a 1 x 1 convolution on the output.
+            let rows_g = Geometry {
+                wq: g.wo,
+                hq: g.ho,
+                ..g
+            };
+            let offsets = (0..c * g.kh * g.kw).map(|t| t * plane).collect();
+            (0, offsets, rows_g)
         } else {
-            self.window.scratch_len(&g)
+            let stride = if in_place {
+                g.h * g.w
+            } else {
+                self.window.scratch_len(&g)
+            };
+            let taps = self.window.taps(&g);
+            let offsets: Vec<usize> = (0..c)
+                .flat_map(|ci| taps.iter().map(move |&t| ci * stride + t))
+                .collect();
+            (stride, offsets, g)
         };
-        let taps = self.window.taps(&g);
-        let offsets: Vec<usize> = (0..c)
-            .flat_map(|ci| taps.iter().map(move |&t| ci * stride + t))
-            .collect();
-        let mut scratch = vec![0f32; if in_place { 0 } else { c * stride }];
+        let mut scratch = vec![
+            0f32;
+            if in_place {
+                0
+            } else if gathered {
+                offsets.len() * plane
+            } else {
+                c * stride
+            }
+        ];
         let image = c * g.h * g.w;
         {
             let mut plain = t.try_as_plain_ram_mut()?;
@@ -455,6 +519,9 @@ impl Conv {
                 let x = &x[i * image..(i + 1) * image];
                 let src: &[f32] = if in_place {
                     x
+                } else if gathered {
+                    self.gather(&g, x, &mut scratch);
+                    &scratch
                 } else {
                     for (s, x) in scratch
                         .chunks_exact_mut(stride)
@@ -472,7 +539,7 @@ impl Conv {
                     |first, chunk| {
                         let c0 = first * ROWS;
                         let packed = &k[c0 * offsets.len()..];
-                        self.rows(&g, avx2, src, &offsets, packed, &b[c0..], chunk);
+                        self.rows(&rows_g, avx2, src, &offsets, packed, &b[c0..], chunk);
                         Ok(())
                     },
                 )?;
@@ -503,7 +570,13 @@ impl Conv {
         let reach = offsets.iter().copied().max().unwrap_or(0);
         // Taps per pass over the accumulators, balanced: the input those taps read for one
         // block of positions stays in the L1 cache across all output channels.
-        let passes = taps.div_ceil(TAPS).max(1);
+        // With one block of positions, the input is read once per block of rows either way:
+        // one pass keeps each block's packed kernel one sequential stream.
+        let passes = if positions <= COLS {
+            1
+        } else {
+            taps.div_ceil(TAPS).max(1)
+        };
         let per_pass = taps.div_ceil(passes).max(1);
         let mut stage = vec![0f32; blocks * ROWS * COLS];
         let mut j0 = 0;
@@ -659,8 +732,10 @@ fn block_generic<const R: usize>(
     }
 }
 
-/// [`block_generic`] with AVX2 and FMA: `R` rows × 16 positions in registers across all taps.
-/// With `direct`, the sums go through its activation to its rows instead of the stage.
+/// [`block_generic`] with AVX2 and FMA: `R` rows × 16 positions in registers across all taps;
+/// the last 1-15 positions in one sweep of the taps too (one or two registers per row, the
+/// last one masked), so that a small output reads each weight once. With `direct`, the sums
+/// go through its activation to its rows instead of the stage.
 ///
 /// # Safety
 /// The machine must have AVX2 and FMA; with `direct`, its rows `0..R` must be valid for
@@ -676,7 +751,6 @@ unsafe fn block_avx2_fma<const R: usize>(
     src: &[f32],
     direct: Option<Direct>,
 ) {
-    use std::arch::x86_64::*;
     assert!(
         R <= ROWS
             && bias.is_none_or(|b| b.len() >= R)
@@ -686,92 +760,96 @@ unsafe fn block_avx2_fma<const R: usize>(
             && offsets.iter().all(|&off| off + len <= src.len()),
         "{CONV}: block reads or writes out of bounds"
     );
-    let (sp, wpp, op) = (src.as_ptr(), wp.as_ptr(), stage.as_mut_ptr());
     let mut j = 0;
-    // SAFETY: every load is at `off + j + i` with `j + i < len` and `off + len <= src.len()`,
-    // every weight below `offsets.len() * ROWS`, every store at `r * COLS + j + i` with
-    // `r < R` and `j + i < len` (asserted above).
+    // SAFETY (every call): positions `j..j + 8 (V - 1) + last` are below `len` (asserted
+    // above with every tap's reads and the stage's rows).
     unsafe {
         while j + 16 <= len {
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = match bias {
-                    Some(b) => [_mm256_set1_ps(b[r]); 2],
-                    None => {
-                        let p = op.add(r * COLS + j);
-                        [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
-                    }
-                };
-            }
-            for (t, &off) in offsets.iter().enumerate() {
-                let p = sp.add(off + j);
-                let (x0, x1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
-                let w = wpp.add(t * ROWS);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let wv = _mm256_broadcast_ss(&*w.add(r));
-                    a[0] = _mm256_fmadd_ps(wv, x0, a[0]);
-                    a[1] = _mm256_fmadd_ps(wv, x1, a[1]);
-                }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                if let Some(d) = direct {
-                    let p = d.ptr.add(r * d.stride + j);
-                    _mm256_storeu_ps(p, d.act.vec(a[0]));
-                    _mm256_storeu_ps(p.add(8), d.act.vec(a[1]));
-                } else {
-                    _mm256_storeu_ps(op.add(r * COLS + j), a[0]);
-                    _mm256_storeu_ps(op.add(r * COLS + j + 8), a[1]);
-                }
-            }
+            sweep_avx2_fma::<R, 2, true>(stage, j, 8, bias, wp, offsets, src, direct);
             j += 16;
         }
-        while j + 8 <= len {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = match bias {
-                    Some(b) => _mm256_set1_ps(b[r]),
-                    None => _mm256_loadu_ps(op.add(r * COLS + j)),
-                };
+        match len - j {
+            0 => {}
+            8 => sweep_avx2_fma::<R, 1, true>(stage, j, 8, bias, wp, offsets, src, direct),
+            rest @ 1..=7 => {
+                sweep_avx2_fma::<R, 1, false>(stage, j, rest, bias, wp, offsets, src, direct)
             }
-            for (t, &off) in offsets.iter().enumerate() {
-                let x0 = _mm256_loadu_ps(sp.add(off + j));
-                let w = wpp.add(t * ROWS);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*w.add(r)), x0, *a);
-                }
+            rest => {
+                sweep_avx2_fma::<R, 2, false>(stage, j, rest - 8, bias, wp, offsets, src, direct)
             }
-            for (r, a) in acc.iter().enumerate() {
-                if let Some(d) = direct {
-                    _mm256_storeu_ps(d.ptr.add(r * d.stride + j), d.act.vec(*a));
-                } else {
-                    _mm256_storeu_ps(op.add(r * COLS + j), *a);
-                }
-            }
-            j += 8;
         }
-        if j < len {
-            // The last 1-7 positions: lanes past `len` masked off (neither read nor written).
-            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((len - j) as i32), lanes);
-            let mut acc = [_mm256_setzero_ps(); R];
-            for (r, a) in acc.iter_mut().enumerate() {
+    }
+}
+
+/// Positions `j..j + 8 (V - 1) + last` (`1 <= last <= 8`; `last == 8` when `WHOLE`) of
+/// [`block_avx2_fma`]: `R × V` registers across all taps; unless `WHOLE`, lanes past `last` in
+/// the last register are neither read nor written.
+///
+/// # Safety
+/// As [`block_avx2_fma`], for those positions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sweep_avx2_fma<const R: usize, const V: usize, const WHOLE: bool>(
+    stage: &mut [f32],
+    j: usize,
+    last: usize,
+    bias: Option<&[f32]>,
+    wp: &[f32],
+    offsets: &[usize],
+    src: &[f32],
+    direct: Option<Direct>,
+) {
+    use std::arch::x86_64::*;
+    let (sp, wpp, op) = (src.as_ptr(), wp.as_ptr(), stage.as_mut_ptr());
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(last as i32), lanes);
+    // SAFETY: the caller's contract; only lanes below `last` of the last register are loaded
+    // or stored.
+    unsafe {
+        macro_rules! load {
+            ($p:expr, $v:expr) => {
+                if WHOLE || $v + 1 < V {
+                    _mm256_loadu_ps($p)
+                } else {
+                    _mm256_maskload_ps($p, mask)
+                }
+            };
+        }
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (v, a) in a.iter_mut().enumerate() {
                 *a = match bias {
                     Some(b) => _mm256_set1_ps(b[r]),
-                    None => _mm256_maskload_ps(op.add(r * COLS + j), mask),
+                    None => load!(op.add(r * COLS + j + 8 * v), v),
                 };
             }
-            for (t, &off) in offsets.iter().enumerate() {
-                let x0 = _mm256_maskload_ps(sp.add(off + j), mask);
-                let w = wpp.add(t * ROWS);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*w.add(r)), x0, *a);
+        }
+        for (t, &off) in offsets.iter().enumerate() {
+            let p = sp.add(off + j);
+            let mut x = [_mm256_setzero_ps(); V];
+            for (v, x) in x.iter_mut().enumerate() {
+                *x = load!(p.add(8 * v), v);
+            }
+            let w = wpp.add(t * ROWS);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_broadcast_ss(&*w.add(r));
+                for (a, &x) in a.iter_mut().zip(&x) {
+                    *a = _mm256_fmadd_ps(wv, x, *a);
                 }
             }
-            for (r, a) in acc.iter().enumerate() {
-                if let Some(d) = direct {
-                    store_lanes(d.ptr.add(r * d.stride + j), d.act.vec(*a), len - j);
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (v, &a) in a.iter().enumerate() {
+                let (dst, a) = match direct {
+                    Some(d) => (d.ptr.add(r * d.stride + j + 8 * v), d.act.vec(a)),
+                    None => (op.add(r * COLS + j + 8 * v), a),
+                };
+                if WHOLE || v + 1 < V {
+                    _mm256_storeu_ps(dst, a);
                 } else {
-                    store_lanes(op.add(r * COLS + j), *a, len - j);
+                    store_lanes(dst, a, last);
                 }
             }
         }
@@ -1094,6 +1172,16 @@ mod tests {
                     div: 6.0,
                 },
             ),
+            // Gathered taps: small outputs whose scratch rows would be mostly padding.
+            (
+                [1, 150, 4, 2],
+                [7, 150, 3, 3],
+                [1, 1],
+                [1, 1],
+                [1, 1, 1, 1],
+                Activation::Relu,
+            ),
+            ([1, 5, 9, 6], [4, 5, 3, 3], [2, 2], [2, 1], [1, 2, 0, 1], id),
             // Written straight to the output (1 x 1, no padding): 70 positions, 13 rows.
             (
                 [1, 9, 7, 10],
@@ -1131,6 +1219,31 @@ mod tests {
                 "{xs:?} {ks:?} {op:?}"
             );
         }
+    }
+
+    /// The gathered-taps path is taken where the tests above expect it.
+    #[test]
+    fn taps_are_gathered_for_strided_pointwise_and_small_outputs() {
+        let op = |k: usize, s: usize, p: usize| Conv {
+            window: Window {
+                strides: [s, s],
+                dilations: [1, 1],
+                pads: [p; 4],
+            },
+            kernel: [k, k],
+            act: Activation::Identity,
+        };
+        let gathers = |op: Conv, x: [usize; 4]| {
+            let g = op.geometry(&x).expect("fits");
+            op.gathers(&g, x[1])
+        };
+        assert!(gathers(op(1, 2, 0), [1, 8, 30, 33]));
+        assert!(gathers(op(1, 1, 1), [1, 3, 5, 5]));
+        assert!(gathers(op(3, 1, 1), [1, 150, 4, 2]));
+        assert!(!gathers(op(3, 1, 1), [1, 20, 12, 12]));
+        assert!(!gathers(op(3, 1, 1), [1, 96, 160, 120]));
+        let pointwise = op(1, 1, 0);
+        assert!(pointwise.in_place(&pointwise.geometry(&[1, 8, 3, 3]).expect("fits")));
     }
 
     /// Every activation's vector loop gives, bit for bit, what the one-value definition gives,
