@@ -410,11 +410,12 @@ impl Conv {
     /// Whether to gather one row of output positions per tap (`C·KH·KW` rows of `HO·WO`)
     /// instead of the phase-split scratch: for a strided or padded 1 × 1 kernel (the scratch
     /// would copy every phase of the input, one is read), and for small outputs whose scratch
-    /// rows would carry a quarter or more of discarded columns (ResNet's last stages: 3 × 3
-    /// on 5 × 2 computes 5 × 4 positions).
+    /// rows would be a third or more discarded columns (ResNet's last stages: 3 × 3 on 5 × 2
+    /// computes 5 × 4 positions). Where fewer columns are discarded, computing them costs
+    /// less than gathering.
     fn gathers(&self, g: &Geometry, c: usize) -> bool {
         let taps = c * g.kh * g.kw;
-        g.kh * g.kw == 1 || (4 * g.wq >= 5 * g.wo && taps * g.ho * g.wo <= GATHER_FLOATS)
+        g.kh * g.kw == 1 || (2 * g.wq >= 3 * g.wo && taps * g.ho * g.wo <= GATHER_FLOATS)
     }
 
     /// `rows[t][y · WO + x]` = the input under tap `t` (channel, ky, kx) of output `(y, x)`,
@@ -435,6 +436,19 @@ impl Conv {
                     continue;
                 };
                 let line = &channel[iy * g.w..(iy + 1) * g.w];
+                if sw == 1 {
+                    // Output `xo` reads input `xo + kx · dw - pl`: one run, zeros either side.
+                    let shift = kx * dw;
+                    let lo = pl.saturating_sub(shift).min(g.wo);
+                    let hi = (g.w + pl).saturating_sub(shift).clamp(lo, g.wo);
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if hi > lo {
+                        let first = lo + shift - pl;
+                        out[lo..hi].copy_from_slice(&line[first..first + hi - lo]);
+                    }
+                    continue;
+                }
                 for (xo, o) in out.iter_mut().enumerate() {
                     *o = (xo * sw + kx * dw)
                         .checked_sub(pl)
@@ -1182,6 +1196,8 @@ mod tests {
                 Activation::Relu,
             ),
             ([1, 5, 9, 6], [4, 5, 3, 3], [2, 2], [2, 1], [1, 2, 0, 1], id),
+            // Padding wider than the output: some taps read only zeros.
+            ([1, 3, 2, 1], [2, 3, 3, 3], [1, 1], [1, 1], [4, 4, 0, 1], id),
             // Written straight to the output (1 x 1, no padding): 70 positions, 13 rows.
             (
                 [1, 9, 7, 10],
