@@ -31,7 +31,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_hir::infer::*;
 use tract_onnx::tract_hir::to_typed;
 
-use crate::dwconv::{Geometry, Window};
+use crate::dwconv::{Geometry, Window, conv_rules, eval_conv};
 
 /// The op type fedge's import writes for a dense convolution, attributes `strides`,
 /// `dilations`, `kernel_shape` (2 ints each), `pads` (4 ints: top, left, bottom, right) and an
@@ -876,11 +876,7 @@ impl Op for Conv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let w = &self.window;
-        Ok(vec![format!(
-            "strides {:?}, dilations {:?}, pads {:?}, activation {:?}",
-            w.strides, w.dilations, w.pads, self.act
-        )])
+        Ok(vec![self.window.describe(self.act)])
     }
 
     op_as_typed_op!();
@@ -890,21 +886,7 @@ impl EvalOp for Conv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == 3, "{CONV} takes input, kernel and bias");
-        let (x, k, b) = (&inputs[0], &inputs[1], &inputs[2]);
-        let (xp, kp, bp) = (
-            x.try_as_plain_ram()?,
-            k.try_as_plain_ram()?,
-            b.try_as_plain_ram()?,
-        );
-        let t = self.run(
-            xp.as_slice::<f32>()?,
-            x.shape(),
-            kp.as_slice::<f32>()?,
-            k.shape(),
-            bp.as_slice::<f32>()?,
-        )?;
-        Ok(tvec!(t.into_tvalue()))
+        eval_conv(CONV, &inputs, |x, xs, k, ks, b| self.run(x, xs, k, ks, b))
     }
 }
 
@@ -915,17 +897,7 @@ impl InferenceRulesOp for Conv {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
-        check_output_arity(outputs, 1)?;
-        for t in [&inputs[0], &inputs[1], &inputs[2], &outputs[0]] {
-            s.equals(&t.datum_type, f32::datum_type())?;
-        }
-        s.equals(&inputs[0].rank, 4)?;
-        s.equals(&inputs[1].rank, 3)?;
-        s.equals(&inputs[2].rank, 1)?;
-        s.equals(&outputs[0].rank, 4)?;
-        s.equals(&inputs[0].shape[0], &outputs[0].shape[0])?;
-        s.equals(&inputs[2].shape[0], &outputs[0].shape[1])?;
+        conv_rules(s, inputs, outputs, 3)?;
         for axis in 0..2 {
             let k = self.kernel[axis];
             s.given(&inputs[0].shape[2 + axis], move |s, len| {
@@ -1310,6 +1282,20 @@ mod tests {
         }
     }
 
+    /// [`block`] without direct output.
+    fn run_block<const R: usize>(
+        avx2: bool,
+        stage: &mut [f32],
+        len: usize,
+        bias: Option<&[f32]>,
+        wp: &[f32],
+        offsets: &[usize],
+        src: &[f32],
+    ) {
+        // SAFETY: no direct output.
+        unsafe { block::<R>(avx2, stage, len, bias, wp, offsets, src, None) }
+    }
+
     /// Both block loops (the portable one and, where the machine has them, AVX2/FMA) against
     /// the sum written out, for every block height and length class.
     #[test]
@@ -1338,58 +1324,20 @@ mod tests {
             for avx2 in [false, fast()] {
                 let what = if avx2 { "avx2" } else { "portable" };
                 let mut stage = vec![f32::NAN; ROWS * COLS];
-                // SAFETY: no direct output.
-                unsafe {
-                    block::<6>(
-                        avx2,
-                        &mut stage,
-                        len,
-                        Some(&bias),
-                        &wp,
-                        &offsets,
-                        &src,
-                        None,
-                    )
-                };
+                run_block::<6>(avx2, &mut stage, len, Some(&bias), &wp, &offsets, &src);
                 check(&stage, 6, what);
                 let mut stage = vec![f32::NAN; ROWS * COLS];
-                // SAFETY: no direct output.
-                unsafe {
-                    block::<1>(
-                        avx2,
-                        &mut stage,
-                        len,
-                        Some(&bias),
-                        &wp,
-                        &offsets,
-                        &src,
-                        None,
-                    )
-                };
+                run_block::<1>(avx2, &mut stage, len, Some(&bias), &wp, &offsets, &src);
                 check(&stage, 1, what);
                 let mut stage = vec![f32::NAN; ROWS * COLS];
-                // SAFETY: no direct output.
-                unsafe {
-                    block::<4>(
-                        avx2,
-                        &mut stage,
-                        len,
-                        Some(&bias),
-                        &wp,
-                        &offsets,
-                        &src,
-                        None,
-                    )
-                };
+                run_block::<4>(avx2, &mut stage, len, Some(&bias), &wp, &offsets, &src);
                 check(&stage, 4, what);
                 // In two passes: the second continues the first's sums.
                 let mut stage = vec![f32::NAN; ROWS * COLS];
                 let (o1, o2) = offsets.split_at(5);
                 let (w1, w2) = wp.split_at(5 * ROWS);
-                // SAFETY: no direct output.
-                unsafe { block::<5>(avx2, &mut stage, len, Some(&bias), w1, o1, &src, None) };
-                // SAFETY: no direct output.
-                unsafe { block::<5>(avx2, &mut stage, len, None, w2, o2, &src, None) };
+                run_block::<5>(avx2, &mut stage, len, Some(&bias), w1, o1, &src);
+                run_block::<5>(avx2, &mut stage, len, None, w2, o2, &src);
                 check(&stage, 5, what);
             }
         }

@@ -175,6 +175,14 @@ impl Window {
         }
     }
 
+    /// The op's `info` line: strides, dilations, pads and the activation.
+    pub(crate) fn describe(&self, act: Activation) -> String {
+        format!(
+            "strides {:?}, dilations {:?}, pads {:?}, activation {act:?}",
+            self.strides, self.dilations, self.pads
+        )
+    }
+
     /// Scratch offsets of every tap, row by row.
     pub(crate) fn taps(&self, g: &Geometry) -> Vec<usize> {
         (0..g.kh)
@@ -182,6 +190,51 @@ impl Window {
             .map(|(ky, kx)| self.tap_offset(g, ky, kx))
             .collect()
     }
+}
+
+/// `eval` of a fedge convolution named `op`: input, kernel and bias, all float32, to `run`.
+pub(crate) fn eval_conv(
+    op: &str,
+    inputs: &[TValue],
+    run: impl FnOnce(&[f32], &[usize], &[f32], &[usize], &[f32]) -> TractResult<Tensor>,
+) -> TractResult<TVec<TValue>> {
+    ensure!(inputs.len() == 3, "{op} takes input, kernel and bias");
+    let (x, k, b) = (&inputs[0], &inputs[1], &inputs[2]);
+    let (xp, kp, bp) = (
+        x.try_as_plain_ram()?,
+        k.try_as_plain_ram()?,
+        b.try_as_plain_ram()?,
+    );
+    let t = run(
+        xp.as_slice::<f32>()?,
+        x.shape(),
+        kp.as_slice::<f32>()?,
+        k.shape(),
+        bp.as_slice::<f32>()?,
+    )?;
+    Ok(tvec!(t.into_tvalue()))
+}
+
+/// The inference rules both fedge convolutions share: three float32 inputs (NCHW input, a
+/// kernel of rank `kernel_rank`, a bias of rank 1), one NCHW float32 output with the input's
+/// batch and the bias's channels.
+pub(crate) fn conv_rules<'r, 'p: 'r>(
+    s: &mut Solver<'r>,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+    kernel_rank: i64,
+) -> InferenceResult {
+    check_input_arity(inputs, 3)?;
+    check_output_arity(outputs, 1)?;
+    for t in [&inputs[0], &inputs[1], &inputs[2], &outputs[0]] {
+        s.equals(&t.datum_type, f32::datum_type())?;
+    }
+    s.equals(&inputs[0].rank, 4)?;
+    s.equals(&inputs[1].rank, kernel_rank)?;
+    s.equals(&inputs[2].rank, 1)?;
+    s.equals(&outputs[0].rank, 4)?;
+    s.equals(&inputs[0].shape[0], &outputs[0].shape[0])?;
+    s.equals(&inputs[2].shape[0], &outputs[0].shape[1])
 }
 
 /// `even[i] = row[2i]`, `odd[i] = row[2i + 1]`; `even` and `odd` hold at least
@@ -489,11 +542,7 @@ impl Op for DepthwiseConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let w = &self.window;
-        Ok(vec![format!(
-            "strides {:?}, dilations {:?}, pads {:?}, activation {:?}",
-            w.strides, w.dilations, w.pads, self.act
-        )])
+        Ok(vec![self.window.describe(self.act)])
     }
 
     op_as_typed_op!();
@@ -503,24 +552,9 @@ impl EvalOp for DepthwiseConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(
-            inputs.len() == 3,
-            "{DEPTHWISE_CONV} takes input, kernel and bias"
-        );
-        let (x, k, b) = (&inputs[0], &inputs[1], &inputs[2]);
-        let (xp, kp, bp) = (
-            x.try_as_plain_ram()?,
-            k.try_as_plain_ram()?,
-            b.try_as_plain_ram()?,
-        );
-        let t = self.run(
-            xp.as_slice::<f32>()?,
-            x.shape(),
-            kp.as_slice::<f32>()?,
-            k.shape(),
-            bp.as_slice::<f32>()?,
-        )?;
-        Ok(tvec!(t.into_tvalue()))
+        eval_conv(DEPTHWISE_CONV, &inputs, |x, xs, k, ks, b| {
+            self.run(x, xs, k, ks, b)
+        })
     }
 }
 
@@ -531,15 +565,7 @@ impl InferenceRulesOp for DepthwiseConv {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
-        check_output_arity(outputs, 1)?;
-        for t in [&inputs[0], &inputs[1], &inputs[2], &outputs[0]] {
-            s.equals(&t.datum_type, f32::datum_type())?;
-        }
-        s.equals(&inputs[0].rank, 4)?;
-        s.equals(&inputs[1].rank, 4)?;
-        s.equals(&outputs[0].rank, 4)?;
-        s.equals(&inputs[0].shape[0], &outputs[0].shape[0])?;
+        conv_rules(s, inputs, outputs, 4)?;
         s.equals(&inputs[0].shape[1], &outputs[0].shape[1])?;
         s.equals(&inputs[1].shape[0], &outputs[0].shape[1])?;
         for axis in 0..2 {
