@@ -31,7 +31,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_hir::infer::*;
 use tract_onnx::tract_hir::to_typed;
 
-use crate::dwconv::{Geometry, Window, conv_rules, eval_conv};
+use crate::dwconv::{Geometry, Window, Word, conv_rules, eval_conv};
 
 /// The op type fedge's import writes for a dense convolution, attributes `strides`,
 /// `dilations`, `kernel_shape` (2 ints each), `pads` (4 ints: top, left, bottom, right) and an
@@ -41,11 +41,11 @@ use crate::dwconv::{Geometry, Window, conv_rules, eval_conv};
 pub(crate) const CONV: &str = "FedgeConv";
 
 /// Output channels per register block.
-const ROWS: usize = 6;
+pub(crate) const ROWS: usize = 6;
 /// Output positions per cache block (a multiple of 16).
-const COLS: usize = 64;
+pub(crate) const COLS: usize = 64;
 /// Most taps (input channels × kernel points) summed per pass over a block's accumulators.
-const TAPS: usize = 128;
+pub(crate) const TAPS: usize = 128;
 /// Most floats gathered for one image (1 MiB): past this the phase-split scratch is used.
 const GATHER_FLOATS: usize = 1 << 18;
 
@@ -393,17 +393,17 @@ impl Conv {
     }
 
     /// The packed kernel's shape for `c` input and `m` output channels.
-    fn packed_shape(&self, c: usize, m: usize) -> [usize; 3] {
+    pub(crate) fn packed_shape(&self, c: usize, m: usize) -> [usize; 3] {
         [m.div_ceil(ROWS), c * self.kernel[0] * self.kernel[1], ROWS]
     }
 
-    fn geometry(&self, x: &[usize]) -> TractResult<Geometry> {
+    pub(crate) fn geometry(&self, x: &[usize]) -> TractResult<Geometry> {
         ensure!(x.len() == 4, "{CONV}: input {x:?} is not NCHW");
         self.window.geometry(CONV, [x[2], x[3]], self.kernel)
     }
 
     /// Whether the input is read where it lies: a 1 × 1 kernel, stride 1, no padding.
-    fn in_place(&self, g: &Geometry) -> bool {
+    pub(crate) fn in_place(&self, g: &Geometry) -> bool {
         g.kh == 1 && g.kw == 1 && self.window.strides == [1, 1] && self.window.pads == [0; 4]
     }
 
@@ -413,14 +413,14 @@ impl Conv {
     /// rows would be a third or more discarded columns (ResNet's last stages: 3 × 3 on 5 × 2
     /// computes 5 × 4 positions). Where fewer columns are discarded, computing them costs
     /// less than gathering.
-    fn gathers(&self, g: &Geometry, c: usize) -> bool {
+    pub(crate) fn gathers(&self, g: &Geometry, c: usize) -> bool {
         let taps = c * g.kh * g.kw;
         g.kh * g.kw == 1 || (2 * g.wq >= 3 * g.wo && taps * g.ho * g.wo <= GATHER_FLOATS)
     }
 
     /// `rows[t][y · WO + x]` = the input under tap `t` (channel, ky, kx) of output `(y, x)`,
     /// zero in the padding.
-    fn gather(&self, g: &Geometry, x: &[f32], rows: &mut [f32]) {
+    pub(crate) fn gather<T: Word>(&self, g: &Geometry, x: &[T], rows: &mut [T]) {
         let [sh, sw] = self.window.strides;
         let [dh, dw] = self.window.dilations;
         let (pt, pl) = (self.window.pads[0], self.window.pads[1]);
@@ -432,7 +432,7 @@ impl Conv {
             for (y, out) in row.chunks_exact_mut(g.wo).enumerate() {
                 // Padded row `y · sh + ky · dh` is input row that minus `pt`.
                 let Some(iy) = (y * sh + ky * dh).checked_sub(pt).filter(|&iy| iy < g.h) else {
-                    out.fill(0.0);
+                    out.fill(T::default());
                     continue;
                 };
                 let line = &channel[iy * g.w..(iy + 1) * g.w];
@@ -441,8 +441,8 @@ impl Conv {
                     let shift = kx * dw;
                     let lo = pl.saturating_sub(shift).min(g.wo);
                     let hi = (g.w + pl).saturating_sub(shift).clamp(lo, g.wo);
-                    out[..lo].fill(0.0);
-                    out[hi..].fill(0.0);
+                    out[..lo].fill(T::default());
+                    out[hi..].fill(T::default());
                     if hi > lo {
                         let first = lo + shift - pl;
                         out[lo..hi].copy_from_slice(&line[first..first + hi - lo]);
@@ -454,7 +454,7 @@ impl Conv {
                         .checked_sub(pl)
                         .and_then(|ix| line.get(ix))
                         .copied()
-                        .unwrap_or(0.0);
+                        .unwrap_or_default();
                 }
             }
         }

@@ -143,8 +143,8 @@ impl Window {
     }
 
     /// Copies one channel of the input into the zero-padded, phase-split scratch.
-    pub(crate) fn fill_scratch(&self, g: &Geometry, x: &[f32], scratch: &mut [f32]) {
-        scratch.fill(0.0);
+    pub(crate) fn fill_scratch<T: Word>(&self, g: &Geometry, x: &[T], scratch: &mut [T]) {
+        scratch.fill(T::default());
         let [sh, sw] = self.strides;
         let (pt, pl) = (self.pads[0], self.pads[1]);
         let plane = g.hq * g.wq;
@@ -237,14 +237,31 @@ pub(crate) fn conv_rules<'r, 'p: 'r>(
     s.equals(&inputs[2].shape[0], &outputs[0].shape[1])
 }
 
+/// A 4-byte value the convolution scratch holds: an f32, or the two i16 of
+/// `FedgeQConv` (`crate::qconv`). Only moved, never computed on, so any bit pattern is fine.
+pub(crate) trait Word: Copy + Default + 'static {}
+
+impl Word for f32 {}
+
+impl Word for u32 {}
+
 /// `even[i] = row[2i]`, `odd[i] = row[2i + 1]`; `even` and `odd` hold at least
 /// `⌈len / 2⌉` and `⌊len / 2⌋` values.
-fn deinterleave(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+fn deinterleave<T: Word>(row: &[T], even: &mut [T], odd: &mut [T]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::conv::fast() {
-        // SAFETY: AVX2 and FMA were just detected.
-        done = unsafe { deinterleave_avx2(row, even, odd) };
+        let f = |s: &[T]| s.as_ptr().cast::<f32>();
+        // SAFETY: AVX2 and FMA were just detected; `T` is f32 or u32 (4 bytes, 4-aligned,
+        // every bit pattern valid as f32), and the views cover exactly the given slices,
+        // which the AVX2 loop only moves values between.
+        done = unsafe {
+            deinterleave_avx2(
+                std::slice::from_raw_parts(f(row), row.len()),
+                std::slice::from_raw_parts_mut(even.as_mut_ptr().cast::<f32>(), even.len()),
+                std::slice::from_raw_parts_mut(odd.as_mut_ptr().cast::<f32>(), odd.len()),
+            )
+        };
     }
     let (row, even, odd) = (&row[2 * done..], &mut even[done..], &mut odd[done..]);
     let pairs = row.chunks_exact(2);

@@ -37,6 +37,7 @@ pub mod manifest;
 mod model;
 pub mod npy;
 mod options;
+mod qconv;
 mod tensor;
 mod tract_ops;
 pub mod train;

@@ -62,7 +62,7 @@ pub(crate) const SCALE_BIAS: &str = "FedgeScaleBias";
 pub(crate) const CAST_NARROW: &str = "FedgeCastNarrow";
 
 /// The 8-bit output type of a quantizing op.
-fn byte_type(signed: bool) -> DatumType {
+pub(crate) fn byte_type(signed: bool) -> DatumType {
     if signed { DatumType::I8 } else { DatumType::U8 }
 }
 
@@ -178,6 +178,9 @@ pub(crate) fn onnx() -> tract_onnx::Onnx {
                 vec![],
             ))
         });
+    onnx.op_register.insert(crate::qconv::QCONV, |_, node| {
+        Ok((Box::new(crate::qconv::QConv::from_node(node)?), vec![]))
+    });
     onnx.op_register.insert(crate::conv::CONV, |_, node| {
         Ok((Box::new(crate::conv::Conv::from_node(node)?), vec![]))
     });
@@ -1141,7 +1144,7 @@ impl QuantizeOrt {
 
 /// A new tensor of `shape` written by `write` (tract's own allocation: building one from a
 /// `Vec` copies it into aligned storage).
-fn fill<T: Datum>(
+pub(crate) fn fill<T: Datum>(
     shape: &[usize],
     write: impl FnOnce(&mut [T]) -> TractResult<()>,
 ) -> TractResult<Tensor> {
@@ -1155,7 +1158,7 @@ fn fill<T: Datum>(
 
 /// The bounds `(lo, hi)` of an 8-bit type relative to the zero point, and the integer bias
 /// that turns [`MAGIC`]-rounded bits back into the value plus the zero point.
-fn quant_params(zero_point: i32, signed: bool) -> (f32, f32, i32) {
+pub(crate) fn quant_params(zero_point: i32, signed: bool) -> (f32, f32, i32) {
     let (lo, hi) = if signed {
         (-128.0, 127.0)
     } else {
@@ -1174,7 +1177,11 @@ fn quant_params(zero_point: i32, signed: bool) -> (f32, f32, i32) {
 /// rounds half to even and leaves the integer in the low mantissa bits, read without a float
 /// to int conversion; the zero point is then added as an integer, exactly.
 #[inline(always)]
-fn quantize_one<const MUL: bool>(v: f32, s: f32, (lo, hi, bias): (f32, f32, i32)) -> i32 {
+pub(crate) fn quantize_one<const MUL: bool>(
+    v: f32,
+    s: f32,
+    (lo, hi, bias): (f32, f32, i32),
+) -> i32 {
     let q = if MUL { v * s } else { v / s };
     let q = if q > lo { q } else { lo };
     let q = if q < hi { q } else { hi };
@@ -1183,7 +1190,7 @@ fn quantize_one<const MUL: bool>(v: f32, s: f32, (lo, hi, bias): (f32, f32, i32)
 
 /// [`quantize_one`] over a slice into 8-bit codes (two's complement bytes when `signed`),
 /// 16 values per step with SSE2 on x86-64 (the same operations, so the same results).
-fn quantize_slice<T: QByte, const MUL: bool>(x: &[f32], out: &mut [T], s: f32, zp: i32) {
+pub(crate) fn quantize_slice<T: QByte, const MUL: bool>(x: &[f32], out: &mut [T], s: f32, zp: i32) {
     let p = quant_params(zp, T::SIGNED);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: SSE2 is part of the x86-64 baseline, so every x86-64 CPU has it.
@@ -1257,7 +1264,7 @@ fn quantize_sse2<T: QByte, const MUL: bool>(
 }
 
 /// 1.5·2^23 and its bits: see [`quantize_one`].
-const MAGIC: f32 = 12_582_912.0;
+pub(crate) const MAGIC: f32 = 12_582_912.0;
 const MAGIC_BITS: i32 = 0x4b40_0000;
 
 impl ElementWiseMiniOp for QuantizeOrt {

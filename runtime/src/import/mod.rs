@@ -16,6 +16,8 @@
 //! - `conv`: float convolutions on fedge's kernels (depthwise everywhere, dense where the
 //!   machine has AVX2 and FMA), with the batch norm and the activation after them folded in
 //!   (CPU backend);
+//! - `qconv`: the exact int8 convolutions `qexact` and `conv` leave as dequantize, float
+//!   convolution and requantize, as one integer convolution (CPU backend, AVX2);
 //! - `lut`: 8-bit to 8-bit element-wise chains (dequantize, activation, quantize) as table
 //!   lookups (CPU backend);
 //! - `scalebias`: the dynamic quantizer's casts, scale and bias after an integer accumulator
@@ -30,6 +32,7 @@ pub(crate) mod graph;
 mod lut;
 mod msft;
 mod narrow;
+mod qconv;
 mod qdq;
 mod qexact;
 mod qfloat;
@@ -109,6 +112,9 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
         }
         if opts.backend == "cpu" {
             conv::rewrite(graph, &mut report);
+            if opts.integer_kernels {
+                qconv::rewrite(graph, &mut report);
+            }
         }
     }
     fold::fold_ifs(&mut proto, &mut report);

@@ -717,6 +717,16 @@ mod tests {
             "{:?}",
             m.graph().rewrites()
         );
+        // Where the machine has AVX2, the three ops run as one integer convolution.
+        assert_eq!(
+            m.graph()
+                .rewrites()
+                .iter()
+                .any(|r| r.contains("1 int8 Conv as FedgeQConv")),
+            crate::conv::fast(),
+            "{:?}",
+            m.graph().rewrites()
+        );
         let got = m
             .run(&[Tensor::new(&[1, ci, h, w], &x).expect("x")])
             .expect("run")[0]
