@@ -93,11 +93,15 @@ pub(crate) fn import(bytes: &[u8], opts: &ModelOptions) -> Result<Imported> {
             exactdiv::qlinear_add(graph, &mut report);
         }
         msft::decompose(graph, &mut report);
-        qfloat::rewrite(graph, &narrow, &mut report);
+        let defer = opts.integer_kernels;
+        qfloat::rewrite(graph, &narrow, defer, &mut report);
         if !opts.integer_kernels {
             msft::dequantize_integer_ops(graph, &mut report);
         }
         qdq::rewrite(graph, opts.integer_kernels, &mut report);
+        if defer {
+            qfloat::rewrite(graph, &narrow, false, &mut report);
+        }
         // The GPU backend has int8 kernels of its own; the CPU's are tract's, and slow.
         if opts.integer_kernels && opts.backend == "cpu" {
             qexact::rewrite(graph, &mut report);

@@ -19,7 +19,8 @@ use crate::lowp;
 use crate::tract_ops::CAST_NARROW;
 
 use super::graph::{
-    FLOAT, INT8, INT32, UINT8, attr_i, constants, f32_tensor, int_attr, node, producers, raw_tensor,
+    FLOAT, INT8, INT32, UINT8, attr_i, constants, consumers, f32_tensor, int_attr, is_graph_output,
+    node, producers, raw_tensor,
 };
 
 const UINT16: i32 = 4;
@@ -117,9 +118,39 @@ fn declared_dims(g: &GraphProto) -> HashMap<String, Vec<Option<usize>>> {
     out
 }
 
-pub(super) fn rewrite(g: &mut GraphProto, narrow: &HashMap<String, i32>, report: &mut Vec<String>) {
+/// With `defer_biases`, int32 `DequantizeLinear`s of constants read only as the bias of a
+/// `Conv` or `Gemm` are left for `qdq` to fold into its integer ops; a second call without it
+/// expands those it did not take.
+pub(super) fn rewrite(
+    g: &mut GraphProto,
+    narrow: &HashMap<String, i32>,
+    defer_biases: bool,
+    report: &mut Vec<String>,
+) {
     let consts = constants(g);
     let prod = producers(g);
+    let readers = consumers(g);
+    let bias_only = |n: &NodeProto| {
+        n.op_type == "DequantizeLinear"
+            && n.input
+                .first()
+                .is_some_and(|x| consts.get(x).is_some_and(|t| t.data_type == INT32))
+            && n.output.len() == 1
+            && !is_graph_output(g, &n.output[0])
+            && readers.get(&n.output[0]).is_some_and(|r| {
+                r.iter().all(|&j| {
+                    let c = &g.node[j];
+                    matches!(c.op_type.as_str(), "Conv" | "Gemm")
+                        && c.domain.is_empty()
+                        && c.input.iter().position(|s| s == &n.output[0]) == Some(2)
+                })
+            })
+    };
+    let deferred: Vec<bool> = g
+        .node
+        .iter()
+        .map(|n| defer_biases && bias_only(n))
+        .collect();
     let mut decl = declared(g);
     // Narrow types held widened: their own type, whatever the container says.
     for (name, &t) in narrow {
@@ -131,6 +162,10 @@ pub(super) fn rewrite(g: &mut GraphProto, narrow: &HashMap<String, i32>, report:
     let mut count = 0usize;
     let nodes = std::mem::take(&mut g.node);
     for (i, n) in nodes.iter().enumerate() {
+        if deferred[i] {
+            out_nodes.push(n.clone());
+            continue;
+        }
         match expand(&nodes, i, n, &consts, &prod, &decl, &dims, &mut inits) {
             Some(new) => {
                 count += 1;
@@ -415,4 +450,46 @@ fn expand(
         }
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::graph::i32_tensor;
+    use super::*;
+
+    #[test]
+    fn int32_biases_of_convolutions_are_deferred_to_the_integer_rewrites() {
+        let graph = || GraphProto {
+            node: vec![
+                node(
+                    "DequantizeLinear",
+                    "bias_dq".into(),
+                    &["b_q", "b_s"],
+                    &["b"],
+                    vec![],
+                ),
+                node("Conv", "conv".into(), &["x", "w", "b"], &["y"], vec![]),
+            ],
+            initializer: vec![
+                i32_tensor("b_q", &[2], &[1000, -7]),
+                f32_tensor("b_s", &[], &[0.5]),
+            ],
+            ..Default::default()
+        };
+        let ops =
+            |g: &GraphProto| -> Vec<String> { g.node.iter().map(|n| n.op_type.clone()).collect() };
+        let mut report = Vec::new();
+        let mut g = graph();
+        rewrite(&mut g, &HashMap::new(), true, &mut report);
+        assert_eq!(ops(&g), ["DequantizeLinear", "Conv"]);
+        assert!(report.is_empty(), "{report:?}");
+        // Not deferred (or left over): expanded into float ops.
+        rewrite(&mut g, &HashMap::new(), false, &mut report);
+        assert!(
+            !ops(&g).contains(&"DequantizeLinear".to_string()),
+            "{:?}",
+            ops(&g)
+        );
+        assert_eq!(report.len(), 1);
+    }
 }
