@@ -45,7 +45,7 @@ pub(crate) const ROWS: usize = 6;
 /// Output positions per cache block (a multiple of 16).
 pub(crate) const COLS: usize = 64;
 /// Most taps (input channels × kernel points) summed per pass over a block's accumulators.
-pub(crate) const TAPS: usize = 128;
+const TAPS: usize = 128;
 /// Most floats gathered for one image (1 MiB): past this the phase-split scratch is used.
 const GATHER_FLOATS: usize = 1 << 18;
 
@@ -393,17 +393,17 @@ impl Conv {
     }
 
     /// The packed kernel's shape for `c` input and `m` output channels.
-    pub(crate) fn packed_shape(&self, c: usize, m: usize) -> [usize; 3] {
+    fn packed_shape(&self, c: usize, m: usize) -> [usize; 3] {
         [m.div_ceil(ROWS), c * self.kernel[0] * self.kernel[1], ROWS]
     }
 
-    pub(crate) fn geometry(&self, x: &[usize]) -> TractResult<Geometry> {
+    fn geometry(&self, x: &[usize]) -> TractResult<Geometry> {
         ensure!(x.len() == 4, "{CONV}: input {x:?} is not NCHW");
         self.window.geometry(CONV, [x[2], x[3]], self.kernel)
     }
 
     /// Whether the input is read where it lies: a 1 × 1 kernel, stride 1, no padding.
-    pub(crate) fn in_place(&self, g: &Geometry) -> bool {
+    fn in_place(&self, g: &Geometry) -> bool {
         g.kh == 1 && g.kw == 1 && self.window.strides == [1, 1] && self.window.pads == [0; 4]
     }
 
@@ -413,14 +413,14 @@ impl Conv {
     /// rows would be a third or more discarded columns (ResNet's last stages: 3 × 3 on 5 × 2
     /// computes 5 × 4 positions). Where fewer columns are discarded, computing them costs
     /// less than gathering.
-    pub(crate) fn gathers(&self, g: &Geometry, c: usize) -> bool {
+    fn gathers(&self, g: &Geometry, c: usize) -> bool {
         let taps = c * g.kh * g.kw;
         g.kh * g.kw == 1 || (2 * g.wq >= 3 * g.wo && taps * g.ho * g.wo <= GATHER_FLOATS)
     }
 
     /// `rows[t][y · WO + x]` = the input under tap `t` (channel, ky, kx) of output `(y, x)`,
     /// zero in the padding.
-    pub(crate) fn gather<T: Word>(&self, g: &Geometry, x: &[T], rows: &mut [T]) {
+    fn gather<T: Word>(&self, g: &Geometry, x: &[T], rows: &mut [T]) {
         let [sh, sw] = self.window.strides;
         let [dh, dw] = self.window.dilations;
         let (pt, pl) = (self.window.pads[0], self.window.pads[1]);
@@ -460,6 +460,72 @@ impl Conv {
         }
     }
 
+    /// Where the kernel reads `channels` input planes of `g`: the input itself, one gathered
+    /// row per tap, or the zero-padded phase-split scratch, one per channel.
+    pub(crate) fn source(&self, g: &Geometry, channels: usize) -> Source {
+        let plane = g.ho * g.wo;
+        let in_place = self.in_place(g);
+        let gathered = !in_place && self.gathers(g, channels);
+        if gathered {
+            let offsets: Vec<usize> = (0..channels * g.kh * g.kw).map(|t| t * plane).collect();
+            return Source {
+                scratch_len: offsets.len() * plane,
+                offsets,
+                stride: 0,
+                in_place,
+                gathered,
+                // Positions are output indices: the geometry of a 1 x 1 convolution on the
+                // output.
+                rows: Geometry {
+                    wq: g.wo,
+                    hq: g.ho,
+                    ..*g
+                },
+            };
+        }
+        let stride = if in_place {
+            g.h * g.w
+        } else {
+            self.window.scratch_len(g)
+        };
+        let taps = self.window.taps(g);
+        Source {
+            offsets: (0..channels)
+                .flat_map(|ci| taps.iter().map(move |&t| ci * stride + t))
+                .collect(),
+            stride,
+            scratch_len: if in_place { 0 } else { channels * stride },
+            in_place,
+            gathered,
+            rows: *g,
+        }
+    }
+
+    /// What the kernel reads for one image `x` (`channels` planes of `g`), written into
+    /// `scratch` (`source.scratch_len` long) unless read in place.
+    pub(crate) fn read<'a, T: Word>(
+        &self,
+        source: &Source,
+        g: &Geometry,
+        x: &'a [T],
+        scratch: &'a mut [T],
+    ) -> &'a [T] {
+        if source.in_place {
+            x
+        } else if source.gathered {
+            self.gather(g, x, scratch);
+            scratch
+        } else {
+            for (s, x) in scratch
+                .chunks_exact_mut(source.stride)
+                .zip(x.chunks_exact(g.h * g.w))
+            {
+                self.window.fill_scratch(g, x, s);
+            }
+            scratch
+        }
+    }
+
     /// The convolution of `x` (`[N, C, H, W]`) by the packed kernel `k` plus `b` (`[M]`),
     /// then the activation.
     pub(crate) fn run(
@@ -486,41 +552,8 @@ impl Conv {
         // SAFETY: every element is written below (each plane by exactly one call).
         let mut t = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         let plane = g.ho * g.wo;
-        let in_place = self.in_place(&g);
-        let gathered = !in_place && self.gathers(&g, c);
-        // What the kernel reads: the input itself, one gathered row per tap, or the zero-padded
-        // phase-split scratch, one per channel; `offsets[t]` is where tap `t` starts there.
-        let (stride, offsets, rows_g) = if gathered {
-            // Positions are output indices: the geometry of a 1 x 1 convolution on the output.
-            let rows_g = Geometry {
-                wq: g.wo,
-                hq: g.ho,
-                ..g
-            };
-            let offsets = (0..c * g.kh * g.kw).map(|t| t * plane).collect();
-            (0, offsets, rows_g)
-        } else {
-            let stride = if in_place {
-                g.h * g.w
-            } else {
-                self.window.scratch_len(&g)
-            };
-            let taps = self.window.taps(&g);
-            let offsets: Vec<usize> = (0..c)
-                .flat_map(|ci| taps.iter().map(move |&t| ci * stride + t))
-                .collect();
-            (stride, offsets, g)
-        };
-        let mut scratch = vec![
-            0f32;
-            if in_place {
-                0
-            } else if gathered {
-                offsets.len() * plane
-            } else {
-                c * stride
-            }
-        ];
+        let source = self.source(&g, c);
+        let mut scratch = vec![0f32; source.scratch_len];
         let image = c * g.h * g.w;
         {
             let mut plain = t.try_as_plain_ram_mut()?;
@@ -531,29 +564,17 @@ impl Conv {
             let avx2 = fast();
             for (i, out) in out.chunks_exact_mut(m * plane).enumerate() {
                 let x = &x[i * image..(i + 1) * image];
-                let src: &[f32] = if in_place {
-                    x
-                } else if gathered {
-                    self.gather(&g, x, &mut scratch);
-                    &scratch
-                } else {
-                    for (s, x) in scratch
-                        .chunks_exact_mut(stride)
-                        .zip(x.chunks_exact(g.h * g.w))
-                    {
-                        self.window.fill_scratch(&g, x, s);
-                    }
-                    &scratch
-                };
-                let total = m * plane * offsets.len();
+                let src = self.read(&source, &g, x, &mut scratch);
+                let taps = source.offsets.len();
                 tract_linalg::multithread::par_chunks_mut(
                     out,
                     ROWS * plane,
-                    total,
+                    m * plane * taps,
                     |first, chunk| {
                         let c0 = first * ROWS;
-                        let packed = &k[c0 * offsets.len()..];
-                        self.rows(&rows_g, avx2, src, &offsets, packed, &b[c0..], chunk);
+                        let packed = &k[c0 * taps..];
+                        let (g, offsets) = (&source.rows, &source.offsets);
+                        self.rows(g, avx2, src, offsets, packed, &b[c0..], chunk);
                         Ok(())
                     },
                 )?;
@@ -582,16 +603,7 @@ impl Conv {
         let packed = &packed[..blocks * taps * ROWS];
         let positions = g.ho * g.wq;
         let reach = offsets.iter().copied().max().unwrap_or(0);
-        // Taps per pass over the accumulators, balanced: the input those taps read for one
-        // block of positions stays in the L1 cache across all output channels.
-        // With one block of positions, the input is read once per block of rows either way:
-        // one pass keeps each block's packed kernel one sequential stream.
-        let passes = if positions <= COLS {
-            1
-        } else {
-            taps.div_ceil(TAPS).max(1)
-        };
-        let per_pass = taps.div_ceil(passes).max(1);
+        let per_pass = per_pass(positions, taps);
         let mut stage = vec![0f32; blocks * ROWS * COLS];
         let mut j0 = 0;
         while j0 < positions {
@@ -647,21 +659,57 @@ impl Conv {
     /// Positions `j0..j0 + acc.len()` of the scratch-wide output grid into the output plane,
     /// dropping the columns past the output width, through the activation.
     fn scatter(&self, g: &Geometry, j0: usize, acc: &[f32], dst: &mut [f32]) {
-        let end = j0 + acc.len();
-        let mut j = j0;
-        while j < end {
-            let (y, x) = (j / g.wq, j % g.wq);
-            let row_end = ((y + 1) * g.wq).min(end);
-            if x < g.wo {
-                let n = (row_end - j).min(g.wo - x);
-                self.act.apply(
-                    &mut dst[y * g.wo + x..y * g.wo + x + n],
-                    &acc[j - j0..j - j0 + n],
-                );
-            }
-            j = row_end;
-        }
+        output_runs(g, j0, acc.len(), |from, at, n| {
+            self.act.apply(&mut dst[at..at + n], &acc[from..from + n]);
+        });
     }
+}
+
+/// The runs of positions `j0..j0 + len` of the scratch-wide grid of `g` that are output
+/// positions (columns past the output width dropped): `f(i, at, n)` for `n` values from
+/// index `i` of the block to output index `at`.
+pub(crate) fn output_runs(
+    g: &Geometry,
+    j0: usize,
+    len: usize,
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    let end = j0 + len;
+    let mut j = j0;
+    while j < end {
+        let (y, x) = (j / g.wq, j % g.wq);
+        let row_end = ((y + 1) * g.wq).min(end);
+        if x < g.wo {
+            f(j - j0, y * g.wo + x, (row_end - j).min(g.wo - x));
+        }
+        j = row_end;
+    }
+}
+
+/// Taps per pass over a block's accumulators, balanced: the input those taps read for one
+/// block of positions stays in the L1 cache across all output channels. With one block of
+/// positions, the input is read once per block of rows either way: one pass keeps each block's
+/// packed kernel one sequential stream.
+pub(crate) fn per_pass(positions: usize, taps: usize) -> usize {
+    let passes = if positions <= COLS {
+        1
+    } else {
+        taps.div_ceil(TAPS).max(1)
+    };
+    taps.div_ceil(passes).max(1)
+}
+
+/// Where a fedge convolution's kernel reads its input (see [`Conv::source`]).
+pub(crate) struct Source {
+    /// Where tap `t` starts, relative to an output position.
+    pub offsets: Vec<usize>,
+    /// Values per channel in the scratch (or the input, in place); 0 when gathered.
+    pub stride: usize,
+    pub scratch_len: usize,
+    pub in_place: bool,
+    pub gathered: bool,
+    /// The geometry of the positions the kernel computes.
+    pub rows: Geometry,
 }
 
 /// `R` rows of `stage` (`COLS` apart), positions `0..len`:

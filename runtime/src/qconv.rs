@@ -27,7 +27,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_hir::infer::*;
 use tract_onnx::tract_hir::to_typed;
 
-use crate::conv::{Activation, COLS, Conv, TAPS};
+use crate::conv::{Activation, COLS, Conv, output_runs, per_pass};
 use crate::dwconv::{Geometry, Window};
 use crate::tract_ops::{MAGIC, QByte, byte_type, fill, quant_params, quantize_one};
 
@@ -197,39 +197,9 @@ impl QConv {
         let pairs = c.div_ceil(2);
         let area = g.h * g.w;
         let conv = &self.conv;
-        let in_place = conv.in_place(&g);
-        let gathered = !in_place && conv.gathers(&g, pairs);
-        let (stride, offsets, rows_g) = if gathered {
-            let rows_g = Geometry {
-                wq: g.wo,
-                hq: g.ho,
-                ..g
-            };
-            let offsets = (0..pairs * g.kh * g.kw).map(|t| t * plane).collect();
-            (0, offsets, rows_g)
-        } else {
-            let stride = if in_place {
-                area
-            } else {
-                conv.window.scratch_len(&g)
-            };
-            let taps = conv.window.taps(&g);
-            let offsets: Vec<usize> = (0..pairs)
-                .flat_map(|j| taps.iter().map(move |&t| j * stride + t))
-                .collect();
-            (stride, offsets, g)
-        };
+        let source = conv.source(&g, pairs);
         let mut words = vec![0u32; pairs * area];
-        let mut scratch = vec![
-            0u32;
-            if in_place {
-                0
-            } else if gathered {
-                offsets.len() * plane
-            } else {
-                pairs * stride
-            }
-        ];
+        let mut scratch = vec![0u32; source.scratch_len];
         let image = c * area;
         let avx2 = crate::conv::fast();
         fill::<Y>(&[n, m, g.ho, g.wo], |out| {
@@ -238,29 +208,17 @@ impl QConv {
             }
             for (i, out) in out.chunks_exact_mut(m * plane).enumerate() {
                 self.centre(avx2, &x[i * image..(i + 1) * image], c, area, &mut words);
-                let src: &[u32] = if in_place {
-                    &words
-                } else if gathered {
-                    conv.gather(&g, &words, &mut scratch);
-                    &scratch
-                } else {
-                    for (s, w) in scratch
-                        .chunks_exact_mut(stride)
-                        .zip(words.chunks_exact(area))
-                    {
-                        conv.window.fill_scratch(&g, w, s);
-                    }
-                    &scratch
-                };
-                let total = m * plane * offsets.len() * 2;
+                let src = conv.read(&source, &g, &words, &mut scratch);
+                let taps = source.offsets.len();
                 tract_linalg::multithread::par_chunks_mut(
                     out,
                     QROWS * plane,
-                    total,
+                    m * plane * taps * 2,
                     |first, chunk| {
                         let c0 = first * QROWS;
-                        let packed = &k[c0 * offsets.len()..];
-                        self.rows(&rows_g, avx2, src, &offsets, packed, &b[c0..], c0, chunk);
+                        let (g, offsets) = (&source.rows, &source.offsets);
+                        let packed = &k[c0 * taps..];
+                        self.rows(g, avx2, src, offsets, packed, &b[c0..], c0, chunk);
                         Ok(())
                     },
                 )?;
@@ -318,12 +276,7 @@ impl QConv {
         let packed = &packed[..blocks * taps * QROWS];
         let positions = g.ho * g.wq;
         let reach = offsets.iter().copied().max().unwrap_or(0);
-        let passes = if positions <= COLS {
-            1
-        } else {
-            taps.div_ceil(TAPS).max(1)
-        };
-        let per_pass = taps.div_ceil(passes).max(1);
+        let per_pass = per_pass(positions, taps);
         let mut stage = vec![0i32; blocks * QROWS * COLS];
         let mut j0 = 0;
         while j0 < positions {
@@ -374,24 +327,11 @@ impl QConv {
             for r in (0..m).filter(|_| !(avx2 && g.wq == g.wo)) {
                 let acc = &stage[(r / QROWS) * QROWS * COLS + (r % QROWS) * COLS..][..len];
                 let dst = &mut out[r * plane..(r + 1) * plane];
-                let (scale, end) = (self.m[c0 + r], j0 + len);
-                let mut j = j0;
-                while j < end {
-                    let (y, x) = (j / g.wq, j % g.wq);
-                    let row_end = ((y + 1) * g.wq).min(end);
-                    if x < g.wo {
-                        let n = (row_end - j).min(g.wo - x);
-                        let at = y * g.wo + x;
-                        requantize(
-                            avx2,
-                            &acc[j - j0..j - j0 + n],
-                            &mut dst[at..at + n],
-                            scale,
-                            self.zero_point,
-                        );
-                    }
-                    j = row_end;
-                }
+                let scale = self.m[c0 + r];
+                output_runs(g, j0, len, |from, at, n| {
+                    let (acc, dst) = (&acc[from..from + n], &mut dst[at..at + n]);
+                    requantize(avx2, acc, dst, scale, self.zero_point);
+                });
             }
             j0 += len;
         }
