@@ -39,6 +39,8 @@ pub mod npy;
 mod options;
 mod qconv;
 mod tensor;
+#[cfg(test)]
+mod testutil;
 mod tract_ops;
 pub mod train;
 

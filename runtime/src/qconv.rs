@@ -18,8 +18,14 @@
 //!   `FedgeRequantize` does (`saturate(round_half_even(f32(acc) · m[c]) + y_zp)`), with the
 //!   same code, so the bytes are the ones the three-op form gave.
 //!
+//! For the dynamic quantizer (`ConvInteger` after `DynamicQuantizeLinear`) the input's zero
+//! point is a run-time input and the sums are written as `FedgeScaleBias` writes them
+//! (`f32(acc) · s + b[c]`, perhaps hard-swished, [`QOut::ScaleBias`]), in place of the cast,
+//! subtraction, float kernel and epilogue pass.
+//!
 //! fedge's import writes this op in place of `DequantizeLinear → FedgeConv → FedgeRequantize`
-//! (`import::qconv`), only where AVX2 is present; the portable loop exists for correctness.
+//! or of the dynamic form (`import::qconv`), only where AVX2 is present; the portable loop
+//! exists for correctness.
 
 use std::hash::{Hash, Hasher};
 
@@ -29,12 +35,15 @@ use tract_onnx::tract_hir::to_typed;
 
 use crate::conv::{Activation, COLS, Conv, output_runs, per_pass};
 use crate::dwconv::{Geometry, Window};
-use crate::tract_ops::{MAGIC, QByte, byte_type, fill, quant_params, quantize_one};
+use crate::tract_ops::{MAGIC, QByte, byte_type, fill, quant_params, quantize_one, scale_bias};
 
 /// The op type fedge's import writes: attributes as `FedgeConv`'s (`strides`, `dilations`,
 /// `kernel_shape`, `pads`) plus `x_zero_point`, `m` (the requantisation multipliers, one per
 /// output channel), `zero_point` and `signed` (the output type); inputs `X` `[N, C, H, W]`
-/// (u8 or i8), the kernel packed by [`pack`] (i32 words) and `B` `[M]` (i32).
+/// (u8 or i8), the kernel packed by [`pack`] (i32 words) and `B` `[M]` (i32). With
+/// `x_zero_point_input = 1` the input's zero point is a fourth input (a scalar); with
+/// `float_output = 1` the output is f32 (`bias` and `hard_swish` as `FedgeScaleBias`'s, the
+/// scale the last input) in place of `m`, `zero_point` and `signed`.
 pub(crate) const QCONV: &str = "FedgeQConv";
 
 /// Output channels per register block.
@@ -80,29 +89,60 @@ pub(crate) fn pack(k: &[i32], m: usize, c: usize, points: usize) -> Option<(Vec<
     Some((packed, [blocks, taps, QROWS]))
 }
 
+/// What [`QConv`] writes from its i32 sums.
+#[derive(Debug, Clone)]
+pub(crate) enum QOut {
+    /// `saturate(round_half_even(f32(acc) · m[c]) + zero_point)`, 8-bit (`FedgeRequantize`).
+    Requantize {
+        /// Multipliers, one per output channel.
+        m: Vec<f32>,
+        zero_point: i32,
+        signed: bool,
+    },
+    /// `f32(acc) · s + bias[c]`, then `y · clamp(α·y + β, 0, 1)` with `hard_swish`, in f32
+    /// (`FedgeScaleBias`): the dynamic quantizer's epilogue, `s` a run-time scalar (the last
+    /// input). `bias` holds none, one, or one value per output channel.
+    ScaleBias {
+        bias: Vec<f32>,
+        hard_swish: Option<[f32; 2]>,
+    },
+}
+
+impl QOut {
+    /// Everything that tells two outputs apart, floats as bits.
+    fn key(&self) -> (u8, i32, Vec<u32>) {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        match self {
+            QOut::Requantize {
+                m,
+                zero_point,
+                signed,
+            } => (u8::from(*signed), *zero_point, bits(m)),
+            QOut::ScaleBias { bias, hard_swish } => {
+                let mut k = bits(bias);
+                k.extend(hard_swish.iter().flat_map(|h| bits(h)));
+                (2 + u8::from(hard_swish.is_some()), 0, k)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct QConv {
     /// Window, kernel size and the gathering choice, shared with the float op (activation
     /// none).
     pub conv: Conv,
-    pub x_zero_point: i32,
-    /// Multipliers, one per output channel.
-    pub m: Vec<f32>,
-    pub zero_point: i32,
-    pub signed: bool,
+    /// The input's zero point; `None`: a run-time scalar, the input after the bias (the
+    /// dynamic quantizer's).
+    pub x_zero_point: Option<i32>,
+    pub out: QOut,
 }
 
 impl PartialEq for QConv {
     fn eq(&self, other: &Self) -> bool {
         self.conv == other.conv
             && self.x_zero_point == other.x_zero_point
-            && self.zero_point == other.zero_point
-            && self.signed == other.signed
-            && self
-                .m
-                .iter()
-                .map(|v| v.to_bits())
-                .eq(other.m.iter().map(|v| v.to_bits()))
+            && self.out.key() == other.out.key()
     }
 }
 
@@ -112,11 +152,7 @@ impl Hash for QConv {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.conv.hash(state);
         self.x_zero_point.hash(state);
-        self.zero_point.hash(state);
-        self.signed.hash(state);
-        for v in &self.m {
-            v.to_bits().hash(state);
-        }
+        self.out.key().hash(state);
     }
 }
 
@@ -129,29 +165,77 @@ impl QConv {
             kernel.len() == 2 && kernel.iter().all(|&k| k > 0),
             "{QCONV}: `kernel_shape` must be two positive ints, not {kernel:?}"
         );
-        let m = node
-            .get_attr_opt_tvec::<f32>("m")?
-            .with_context(|| format!("{QCONV} without its `m` attribute"))?;
-        ensure!(!m.is_empty(), "{QCONV} with no multiplier");
         let int =
             |name: &str| -> TractResult<i64> { Ok(node.get_attr_opt::<i64>(name)?.unwrap_or(0)) };
-        let signed = int("signed")? != 0;
-        let (x_zp, y_zp) = (int("x_zero_point")?, int("zero_point")?);
-        ensure!(
-            (-128..=255).contains(&x_zp) && (-128..=255).contains(&y_zp),
-            "{QCONV}: zero points {x_zp} and {y_zp} are not 8-bit"
-        );
+        let floats = |name: &str| -> TractResult<Option<Vec<f32>>> {
+            Ok(node.get_attr_opt_tvec::<f32>(name)?.map(|v| v.to_vec()))
+        };
+        let out = if int("float_output")? != 0 {
+            let hard_swish = match floats("hard_swish")?.as_deref() {
+                None => None,
+                Some(&[a, b]) => Some([a, b]),
+                Some(h) => bail!("{QCONV}: `hard_swish` takes α and β, not {h:?}"),
+            };
+            QOut::ScaleBias {
+                bias: floats("bias")?.unwrap_or_default(),
+                hard_swish,
+            }
+        } else {
+            let m = floats("m")?.with_context(|| format!("{QCONV} without its `m` attribute"))?;
+            ensure!(!m.is_empty(), "{QCONV} with no multiplier");
+            let y_zp = int("zero_point")?;
+            ensure!(
+                (-128..=255).contains(&y_zp),
+                "{QCONV}: output zero point {y_zp} is not 8-bit"
+            );
+            QOut::Requantize {
+                m,
+                zero_point: y_zp as i32,
+                signed: int("signed")? != 0,
+            }
+        };
+        let x_zero_point = if int("x_zero_point_input")? != 0 {
+            None
+        } else {
+            let x_zp = int("x_zero_point")?;
+            ensure!(
+                (-128..=255).contains(&x_zp),
+                "{QCONV}: input zero point {x_zp} is not 8-bit"
+            );
+            Some(x_zp as i32)
+        };
         Ok(QConv {
             conv: Conv {
                 window: Window::from_node(node, QCONV)?,
                 kernel: [kernel[0], kernel[1]],
                 act: Activation::Identity,
             },
-            x_zero_point: x_zp as i32,
-            m: m.to_vec(),
-            zero_point: y_zp as i32,
-            signed,
+            x_zero_point,
+            out,
         })
+    }
+
+    /// How many inputs the op takes: input, kernel, bias, then the zero point and the scale
+    /// where they are run-time values.
+    fn arity(&self) -> usize {
+        3 + usize::from(self.x_zero_point.is_none())
+            + usize::from(matches!(self.out, QOut::ScaleBias { .. }))
+    }
+
+    /// The output's element type.
+    fn out_type(&self) -> DatumType {
+        match self.out {
+            QOut::Requantize { signed, .. } => byte_type(signed),
+            QOut::ScaleBias { .. } => f32::datum_type(),
+        }
+    }
+
+    /// Whether the per-channel parameters fit `m` output channels.
+    fn fits(&self, m: usize) -> bool {
+        match &self.out {
+            QOut::Requantize { m: mult, .. } => mult.len() == m,
+            QOut::ScaleBias { bias, .. } => bias.len() <= 1 || bias.len() == m,
+        }
     }
 
     fn geometry(&self, x: &[usize]) -> TractResult<Geometry> {
@@ -166,15 +250,19 @@ impl QConv {
         [m.div_ceil(QROWS), c.div_ceil(2) * points, QROWS]
     }
 
-    /// The convolution of `x` (`[N, C, H, W]`) by the packed kernel `k` plus `b` (`[M]`),
-    /// requantised to `Y`.
-    pub(crate) fn run<X: QByte + Into<i32>, Y: QByte>(
+    /// The convolution of `x` (`[N, C, H, W]`, zero point `x_zp`) by the packed kernel `k`
+    /// plus `b` (`[M]`), written as `Y` by [`QConv::out`] (`s`: the run-time scale of
+    /// [`QOut::ScaleBias`], unused otherwise).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run<X: QByte + Into<i32>, Y: QOutput>(
         &self,
         x: &[X],
         x_shape: &[usize],
+        x_zp: i32,
         k: &[u32],
         k_shape: &[usize],
         b: &[i32],
+        s: f32,
     ) -> TractResult<Tensor> {
         let g = self.geometry(x_shape)?;
         let (n, c, m) = (x_shape[0], x_shape[1], b.len());
@@ -184,9 +272,14 @@ impl QConv {
             "{QCONV}: packed kernel {k_shape:?} for {c} input and {m} output channels, not {want:?}"
         );
         ensure!(
-            self.m.len() == m,
-            "{QCONV}: {} multipliers for {m} output channels",
-            self.m.len()
+            self.fits(m),
+            "{QCONV}: per-channel parameters for other than {m} output channels"
+        );
+        ensure!(
+            Y::datum_type() == self.out_type(),
+            "{QCONV}: writes {:?}, not {:?}",
+            self.out_type(),
+            Y::datum_type()
         );
         ensure!(
             x.len() == x_shape.iter().product::<usize>()
@@ -207,7 +300,8 @@ impl QConv {
                 return Ok(());
             }
             for (i, out) in out.chunks_exact_mut(m * plane).enumerate() {
-                self.centre(avx2, &x[i * image..(i + 1) * image], c, area, &mut words);
+                let x = &x[i * image..(i + 1) * image];
+                self.centre(avx2, x, x_zp, c, area, &mut words);
                 let src = conv.read(&source, &g, &words, &mut scratch);
                 let taps = source.offsets.len();
                 tract_linalg::multithread::par_chunks_mut(
@@ -218,7 +312,7 @@ impl QConv {
                         let c0 = first * QROWS;
                         let (g, offsets) = (&source.rows, &source.offsets);
                         let packed = &k[c0 * taps..];
-                        self.rows(g, avx2, src, offsets, packed, &b[c0..], c0, chunk);
+                        self.rows(g, avx2, src, offsets, packed, &b[c0..], c0, s, chunk);
                         Ok(())
                     },
                 )?;
@@ -232,11 +326,11 @@ impl QConv {
         &self,
         avx2: bool,
         x: &[X],
+        zp: i32,
         c: usize,
         area: usize,
         words: &mut [u32],
     ) {
-        let zp = self.x_zero_point;
         for (j, w) in words.chunks_exact_mut(area).enumerate() {
             let lo = &x[2 * j * area..(2 * j + 1) * area];
             let hi = (2 * j + 1 < c).then(|| &x[(2 * j + 1) * area..(2 * j + 2) * area]);
@@ -256,9 +350,9 @@ impl QConv {
 
     /// Output planes for the channels `c0..` whose packed kernels start `packed` and biases
     /// start `b` (`out.len() / plane` of them, from a block boundary), from `src` read at
-    /// `offsets`.
+    /// `offsets`; `s` as in [`QConv::run`].
     #[allow(clippy::too_many_arguments)]
-    fn rows<Y: QByte>(
+    fn rows<Y: QOutput>(
         &self,
         g: &Geometry,
         avx2: bool,
@@ -267,6 +361,7 @@ impl QConv {
         packed: &[u32],
         b: &[i32],
         c0: usize,
+        s: f32,
         out: &mut [Y],
     ) {
         let plane = g.ho * g.wo;
@@ -278,6 +373,18 @@ impl QConv {
         let reach = offsets.iter().copied().max().unwrap_or(0);
         let per_pass = per_pass(positions, taps);
         let mut stage = vec![0i32; blocks * QROWS * COLS];
+        // The output is written from the registers where positions are output indices (no
+        // discarded columns).
+        let direct = (avx2 && g.wq == g.wo).then_some(&self.out);
+        // One bias per channel, for the float output.
+        let float_bias: Option<Vec<f32>> = match &self.out {
+            QOut::ScaleBias { bias, .. } => match bias.len() {
+                0 => None,
+                1 => Some(vec![bias[0]; c0 + m]),
+                _ => Some(bias.clone()),
+            },
+            QOut::Requantize { .. } => None,
+        };
         let mut j0 = 0;
         while j0 < positions {
             let len = COLS.min(positions - j0);
@@ -300,12 +407,31 @@ impl QConv {
                     let (wp, offsets) = (&wp[t0 * QROWS..t1 * QROWS], &offsets[t0..t1]);
                     // The last pass writes the output bytes itself where positions are
                     // output indices (no discarded columns).
-                    let direct = (avx2 && g.wq == g.wo && t1 == taps).then(|| QDirect {
-                        ptr: out[r0 * plane + j0..].as_mut_ptr().cast::<u8>(),
-                        stride: plane,
-                        m: &self.m[c0 + r0..c0 + r0 + rows],
-                        params: quant_params(self.zero_point, Y::SIGNED),
-                        signed: Y::SIGNED,
+                    let direct = direct.filter(|_| t1 == taps).and_then(|o| {
+                        let at = out[r0 * plane + j0..].as_mut_ptr();
+                        match o {
+                            QOut::Requantize { m, zero_point, .. } if Y::BYTES => {
+                                const { assert!(!Y::BYTES || std::mem::size_of::<Y>() == 1) };
+                                Some(Direct::Bytes(QDirect {
+                                    ptr: at.cast::<u8>(),
+                                    stride: plane,
+                                    m: &m[c0 + r0..c0 + r0 + rows],
+                                    params: quant_params(*zero_point, Y::SIGNED),
+                                    signed: Y::SIGNED,
+                                }))
+                            }
+                            QOut::ScaleBias { hard_swish, .. } if Y::FLOAT => {
+                                const { assert!(!Y::FLOAT || std::mem::size_of::<Y>() == 4) };
+                                Some(Direct::Floats(FDirect {
+                                    ptr: at.cast::<f32>(),
+                                    stride: plane,
+                                    s,
+                                    bias: float_bias.as_ref().map(|b| &b[c0 + r0..c0 + r0 + rows]),
+                                    hard_swish: *hard_swish,
+                                }))
+                            }
+                            _ => None,
+                        }
                     });
                     // SAFETY: every offset plus `j0 + len` is within the input (`reach`,
                     // asserted above); `direct` starts at row `r0`, position `j0` of `out`,
@@ -322,20 +448,140 @@ impl QConv {
                 }
                 t0 = t1;
             }
-            // Requantise the finished sums into the output plane, dropping the columns past
-            // the output width (unless written directly).
-            for r in (0..m).filter(|_| !(avx2 && g.wq == g.wo)) {
+            // Write the finished sums into the output plane, dropping the columns past the
+            // output width (unless written directly).
+            for r in (0..m).filter(|_| direct.is_none()) {
+                let b = float_bias.as_ref().map(|b| b[c0 + r]);
                 let acc = &stage[(r / QROWS) * QROWS * COLS + (r % QROWS) * COLS..][..len];
                 let dst = &mut out[r * plane..(r + 1) * plane];
-                let scale = self.m[c0 + r];
                 output_runs(g, j0, len, |from, at, n| {
                     let (acc, dst) = (&acc[from..from + n], &mut dst[at..at + n]);
-                    requantize(avx2, acc, dst, scale, self.zero_point);
+                    Y::finish(&self.out, avx2, c0 + r, (s, b), acc, dst);
                 });
             }
             j0 += len;
         }
     }
+}
+
+/// What [`QConv`] writes: the bytes of [`QOut::Requantize`] or the floats of
+/// [`QOut::ScaleBias`].
+pub(crate) trait QOutput: Datum + Copy + Default {
+    /// Whether this is a requantised byte (which the AVX2 sweep may write from the registers).
+    const BYTES: bool;
+    /// Whether this is [`QOut::ScaleBias`]'s f32.
+    const FLOAT: bool;
+    /// `QByte::SIGNED` for bytes.
+    const SIGNED: bool;
+    /// Channel `c`'s finished sums `acc` into `dst` (same length); `s` as in [`QConv::run`]
+    /// and `b` the channel's bias, for the float output. Writes nothing when `out` is not
+    /// this type's kind (`QConv::run` checks it is).
+    fn finish(
+        out: &QOut,
+        avx2: bool,
+        c: usize,
+        sb: (f32, Option<f32>),
+        acc: &[i32],
+        dst: &mut [Self],
+    );
+}
+
+/// [`QOutput::finish`] for the 8-bit types.
+fn finish_bytes<Y: QByte>(out: &QOut, avx2: bool, c: usize, acc: &[i32], dst: &mut [Y]) {
+    if let QOut::Requantize { m, zero_point, .. } = out {
+        requantize(avx2, acc, dst, m[c], *zero_point);
+    }
+}
+
+impl QOutput for u8 {
+    const BYTES: bool = true;
+    const FLOAT: bool = false;
+    const SIGNED: bool = false;
+    fn finish(out: &QOut, avx2: bool, c: usize, _: (f32, Option<f32>), a: &[i32], d: &mut [u8]) {
+        finish_bytes(out, avx2, c, a, d);
+    }
+}
+
+impl QOutput for i8 {
+    const BYTES: bool = true;
+    const FLOAT: bool = false;
+    const SIGNED: bool = true;
+    fn finish(out: &QOut, avx2: bool, c: usize, _: (f32, Option<f32>), a: &[i32], d: &mut [i8]) {
+        finish_bytes(out, avx2, c, a, d);
+    }
+}
+
+impl QOutput for f32 {
+    const BYTES: bool = false;
+    const FLOAT: bool = true;
+    const SIGNED: bool = true;
+    fn finish(
+        out: &QOut,
+        avx2: bool,
+        _: usize,
+        (s, b): (f32, Option<f32>),
+        acc: &[i32],
+        dst: &mut [f32],
+    ) {
+        let QOut::ScaleBias { hard_swish, .. } = out else {
+            return;
+        };
+        let n = acc.len().min(dst.len());
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            use std::arch::x86_64::*;
+            done = n / 8 * 8;
+            for i in (0..done).step_by(8) {
+                // SAFETY: AVX2 was detected; `i + 8 <= n`, within both slices.
+                unsafe {
+                    let v = _mm256_loadu_si256(acc.as_ptr().add(i).cast());
+                    let v = scale_bias8(v, s, b, *hard_swish);
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
+                }
+            }
+        }
+        let _ = avx2;
+        // The sums are exact in f32 (|acc| < 2^24, checked at import), as the accumulator
+        // `FedgeScaleBias` reads.
+        for (d, &a) in dst[done..n].iter_mut().zip(&acc[done..n]) {
+            scale_bias(
+                std::slice::from_mut(d),
+                &[a as f32],
+                Some(s),
+                b,
+                hard_swish.map(|[a, b]| (a, b)),
+            );
+        }
+    }
+}
+
+/// Eight i32 sums as `FedgeScaleBias` writes them (`crate::tract_ops::scale_bias`):
+/// `f32(v) · s`, plus `b`, then `y · min(max(α·y + β, 0), 1)`, each rounded in f32.
+///
+/// # Safety
+/// The machine must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn scale_bias8(
+    v: std::arch::x86_64::__m256i,
+    s: f32,
+    b: Option<f32>,
+    hard_swish: Option<[f32; 2]>,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(s));
+    if let Some(b) = b {
+        v = _mm256_add_ps(v, _mm256_set1_ps(b));
+    }
+    if let Some([a, b]) = hard_swish {
+        let t = _mm256_add_ps(_mm256_mul_ps(v, _mm256_set1_ps(a)), _mm256_set1_ps(b));
+        // minps/maxps return the second operand on NaN, as the scalar comparisons.
+        let t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(1.0)), _mm256_setzero_ps());
+        v = _mm256_mul_ps(v, t);
+    }
+    v
 }
 
 /// `out[i] = saturate(round_half_even(f32(acc[i]) · s) + zp)`, as `FedgeRequantize` computes
@@ -432,8 +678,36 @@ unsafe fn centre_avx2<X: QByte>(lo: &[X], hi: Option<&[X]>, zp: i32, w: &mut [u3
     n
 }
 
-/// Where [`qsweep_avx2`] writes its finished sums instead of the stage: row `r`, position `j`
-/// at `ptr + r · stride + j`, requantised with multiplier `m[r]`.
+/// Where [`qsweep_avx2`] writes its finished sums instead of the stage.
+#[derive(Clone, Copy)]
+enum Direct<'a> {
+    Bytes(QDirect<'a>),
+    Floats(FDirect<'a>),
+}
+
+impl Direct<'_> {
+    /// Whether it has what `R` rows need.
+    fn rows(&self, r: usize) -> bool {
+        match self {
+            Direct::Bytes(d) => d.m.len() >= r,
+            Direct::Floats(d) => d.bias.is_none_or(|b| b.len() >= r),
+        }
+    }
+}
+
+/// [`QOut::ScaleBias`] from the registers: row `r`, position `j` at `ptr + r · stride + j`,
+/// `f32(acc) · s + bias[r]`, then the hard-swish.
+#[derive(Clone, Copy)]
+struct FDirect<'a> {
+    ptr: *mut f32,
+    stride: usize,
+    s: f32,
+    bias: Option<&'a [f32]>,
+    hard_swish: Option<[f32; 2]>,
+}
+
+/// [`QOut::Requantize`] from the registers: row `r`, position `j` at `ptr + r · stride + j`,
+/// requantised with multiplier `m[r]`.
 #[derive(Clone, Copy)]
 struct QDirect<'a> {
     ptr: *mut u8,
@@ -461,7 +735,7 @@ unsafe fn qblock<const R: usize>(
     wp: &[u32],
     offsets: &[usize],
     src: &[u32],
-    direct: Option<QDirect>,
+    direct: Option<Direct>,
 ) {
     assert!(
         R <= QROWS
@@ -469,7 +743,7 @@ unsafe fn qblock<const R: usize>(
             && wp.len() >= offsets.len() * QROWS
             && len <= COLS
             && stage.len() >= (R - 1) * COLS + len.next_multiple_of(8)
-            && direct.is_none_or(|d| d.m.len() >= R),
+            && direct.is_none_or(|d| d.rows(R)),
         "{QCONV}: block reads or writes out of bounds"
     );
     #[cfg(target_arch = "x86_64")]
@@ -542,6 +816,27 @@ unsafe fn store_bytes(dst: *mut u8, b: std::arch::x86_64::__m128i, n: usize) {
     }
 }
 
+/// The first `n` (1-8) floats of `f` to `dst`.
+///
+/// # Safety
+/// `dst` must be valid for `n` f32 writes; the machine must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store_floats(dst: *mut f32, f: std::arch::x86_64::__m256, n: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        if n == 8 {
+            _mm256_storeu_ps(dst, f);
+        } else {
+            let mut tmp = [0f32; 8];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), f);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
+        }
+    }
+}
+
 /// [`qblock`] with AVX2: `R` rows × 16 positions in registers across all taps, the last 1-15
 /// positions in one sweep (the last register's loads masked; stage rows are [`COLS`] long,
 /// so whole registers are stored).
@@ -557,7 +852,7 @@ unsafe fn qblock_avx2<const R: usize>(
     wp: &[u32],
     offsets: &[usize],
     src: &[u32],
-    direct: Option<QDirect>,
+    direct: Option<Direct>,
 ) {
     let mut j = 0;
     // SAFETY (every call): positions `j..j + 8 (V - 1) + last` are below `len`.
@@ -594,7 +889,7 @@ unsafe fn qsweep_avx2<const R: usize, const V: usize, const WHOLE: bool>(
     wp: &[u32],
     offsets: &[usize],
     src: &[u32],
-    direct: Option<QDirect>,
+    direct: Option<Direct>,
 ) {
     use std::arch::x86_64::*;
     let (sp, wpp, op) = (src.as_ptr(), wp.as_ptr(), stage.as_mut_ptr());
@@ -632,11 +927,15 @@ unsafe fn qsweep_avx2<const R: usize, const V: usize, const WHOLE: bool>(
         }
         for (r, a) in acc.iter().enumerate() {
             for (v, &a) in a.iter().enumerate() {
+                let n = if WHOLE || v + 1 < V { 8 } else { last };
                 match direct {
-                    Some(d) => {
+                    Some(Direct::Bytes(d)) => {
                         let b = requantize8(a, d.m[r], d.params, d.signed);
-                        let n = if WHOLE || v + 1 < V { 8 } else { last };
                         store_bytes(d.ptr.add(r * d.stride + j + 8 * v), b, n);
+                    }
+                    Some(Direct::Floats(d)) => {
+                        let f = scale_bias8(a, d.s, d.bias.map(|b| b[r]), d.hard_swish);
+                        store_floats(d.ptr.add(r * d.stride + j + 8 * v), f, n);
                     }
                     None => _mm256_storeu_si256(op.add(r * COLS + j + 8 * v).cast(), a),
                 }
@@ -651,12 +950,28 @@ impl Op for QConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        let x_zp = self
+            .x_zero_point
+            .map_or("at run time".to_string(), |z| z.to_string());
+        let out = match &self.out {
+            QOut::Requantize {
+                zero_point, signed, ..
+            } => format!(
+                "requantised to {} (zero point {zero_point})",
+                if *signed { "i8" } else { "u8" }
+            ),
+            QOut::ScaleBias { hard_swish, .. } => format!(
+                "f32 times a run-time scale plus bias{}",
+                if hard_swish.is_some() {
+                    ", hard-swish"
+                } else {
+                    ""
+                }
+            ),
+        };
         Ok(vec![format!(
-            "{}, x zero point {}, y zero point {}, {}",
+            "{}, x zero point {x_zp}, {out}",
             self.conv.window.describe(Activation::Identity),
-            self.x_zero_point,
-            self.zero_point,
-            if self.signed { "i8" } else { "u8" }
         )])
     }
 
@@ -667,8 +982,44 @@ impl EvalOp for QConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == 3, "{QCONV} takes input, kernel and bias");
+        ensure!(
+            inputs.len() == self.arity(),
+            "{QCONV} takes input, kernel, bias{}{}",
+            if self.x_zero_point.is_none() {
+                ", zero point"
+            } else {
+                ""
+            },
+            if self.arity() > 3 + usize::from(self.x_zero_point.is_none()) {
+                ", scale"
+            } else {
+                ""
+            }
+        );
         let (x, k, b) = (&inputs[0], &inputs[1], &inputs[2]);
+        let x_zp = match self.x_zero_point {
+            Some(z) => z,
+            None => {
+                let z = &inputs[3];
+                ensure!(z.len() == 1, "{QCONV}: a zero point of {} values", z.len());
+                let z = z.cast_to::<i32>()?;
+                let z = z.try_as_plain_ram()?.as_slice::<i32>()?[0];
+                ensure!(
+                    (-128..=255).contains(&z),
+                    "{QCONV}: input zero point {z} is not 8-bit"
+                );
+                z
+            }
+        };
+        let s = match self.out {
+            QOut::ScaleBias { .. } => {
+                let s = inputs.last().context("no scale")?;
+                ensure!(s.len() == 1, "{QCONV}: a scale of {} values", s.len());
+                let s = s.cast_to::<f32>()?;
+                s.try_as_plain_ram()?.as_slice::<f32>()?[0]
+            }
+            QOut::Requantize { .. } => 1.0,
+        };
         let (xp, kp, bp) = (
             x.try_as_plain_ram()?,
             k.try_as_plain_ram()?,
@@ -678,11 +1029,19 @@ impl EvalOp for QConv {
         // SAFETY: i32 and u32 have the same size, alignment and valid bit patterns.
         let kw: &[u32] = unsafe { std::slice::from_raw_parts(kw.as_ptr().cast(), kw.len()) };
         let (ks, bs) = (k.shape(), bp.as_slice::<i32>()?);
-        let t = match (x.datum_type(), self.signed) {
-            (DatumType::U8, false) => self.run::<u8, u8>(xp.as_slice()?, x.shape(), kw, ks, bs)?,
-            (DatumType::U8, true) => self.run::<u8, i8>(xp.as_slice()?, x.shape(), kw, ks, bs)?,
-            (DatumType::I8, false) => self.run::<i8, u8>(xp.as_slice()?, x.shape(), kw, ks, bs)?,
-            (DatumType::I8, true) => self.run::<i8, i8>(xp.as_slice()?, x.shape(), kw, ks, bs)?,
+        let xs = x.shape();
+        macro_rules! go {
+            ($x:ty, $y:ty) => {
+                self.run::<$x, $y>(xp.as_slice()?, xs, x_zp, kw, ks, bs, s)?
+            };
+        }
+        let t = match (x.datum_type(), self.out_type()) {
+            (DatumType::U8, DatumType::U8) => go!(u8, u8),
+            (DatumType::U8, DatumType::I8) => go!(u8, i8),
+            (DatumType::U8, _) => go!(u8, f32),
+            (DatumType::I8, DatumType::U8) => go!(i8, u8),
+            (DatumType::I8, DatumType::I8) => go!(i8, i8),
+            (DatumType::I8, _) => go!(i8, f32),
             (dt, _) => bail!("{QCONV} takes a u8 or i8 input, not {dt:?}"),
         };
         Ok(tvec!(t.into_tvalue()))
@@ -696,11 +1055,11 @@ impl InferenceRulesOp for QConv {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
+        check_input_arity(inputs, self.arity())?;
         check_output_arity(outputs, 1)?;
         s.equals(&inputs[1].datum_type, i32::datum_type())?;
         s.equals(&inputs[2].datum_type, i32::datum_type())?;
-        s.equals(&outputs[0].datum_type, byte_type(self.signed))?;
+        s.equals(&outputs[0].datum_type, self.out_type())?;
         s.equals(&inputs[0].rank, 4)?;
         s.equals(&inputs[1].rank, 3)?;
         s.equals(&inputs[2].rank, 1)?;
@@ -731,7 +1090,12 @@ impl TypedOp for QConv {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 3, "{QCONV} takes input, kernel and bias");
+        ensure!(
+            inputs.len() == self.arity(),
+            "{QCONV} takes {} inputs, not {}",
+            self.arity(),
+            inputs.len()
+        );
         let (x, k, b) = (inputs[0], inputs[1], inputs[2]);
         ensure!(
             matches!(x.datum_type, DatumType::U8 | DatumType::I8)
@@ -748,11 +1112,10 @@ impl TypedOp for QConv {
         };
         let want = self.packed_shape(c, m);
         ensure!(
-            x.rank() == 4 && b.rank() == 1 && k_shape == want && self.m.len() == m,
-            "{QCONV}: input {:?}, packed kernel {k_shape:?}, bias {:?} and {} multipliers disagree (kernel {want:?} expected)",
+            x.rank() == 4 && b.rank() == 1 && k_shape == want && self.fits(m),
+            "{QCONV}: input {:?}, packed kernel {k_shape:?}, bias {:?} and the per-channel parameters disagree (kernel {want:?} expected)",
             x.shape,
             b.shape,
-            self.m.len()
         );
         let mut shape: TVec<TDim> = tvec![x.shape[0].clone(), m.to_dim()];
         for axis in 0..2 {
@@ -766,7 +1129,7 @@ impl TypedOp for QConv {
                 .with_context(|| format!("{QCONV}: kernel larger than padded input"))?;
             shape.push(out.to_dim());
         }
-        Ok(tvec!(byte_type(self.signed).fact(shape)))
+        Ok(tvec!(self.out_type().fact(shape)))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -782,13 +1145,7 @@ impl TypedOp for QConv {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (*seed >> 33) as u32
-    }
+    use crate::testutil::lcg;
 
     /// A geometry to test: input `[N, C, H, W]`, `M` outputs, kernel, strides, pads
     /// (top, left, bottom, right), dilations.
@@ -801,14 +1158,16 @@ mod tests {
         dilations: [usize; 2],
     }
 
-    /// The definition, one output at a time in i64, requantised by `quantize_one`.
+    /// The definition, one output at a time in i64, requantised by `quantize_one` or scaled,
+    /// biased and hard-swished step by step in f32.
     fn reference<X: QByte + Into<i32>>(
         op: &QConv,
         case: &Case,
-        x: &[X],
+        (x, x_zp): (&[X], i32),
         k: &[i32],
         b: &[i32],
-    ) -> Vec<i32> {
+        s: f32,
+    ) -> Vec<f64> {
         let [n, c, h, w] = case.x;
         let [kh, kw] = case.kernel;
         let o = &op.conv.window;
@@ -816,7 +1175,6 @@ mod tests {
             o.out_len(0, h, kh).expect("fits"),
             o.out_len(1, w, kw).expect("fits"),
         );
-        let p = |signed| quant_params(op.zero_point, signed);
         let mut out = Vec::new();
         for ni in 0..n {
             for mi in 0..case.m {
@@ -837,15 +1195,31 @@ mod tests {
                                         [((ni * c + ci) * h + y as usize) * w + xx as usize]
                                         .into();
                                     let wv = k[((mi * c + ci) * kh + ky) * kw + kx];
-                                    acc += (xv - op.x_zero_point) as i64 * wv as i64;
+                                    acc += (xv - x_zp) as i64 * wv as i64;
                                 }
                             }
                         }
-                        out.push(quantize_one::<true>(
-                            acc as i32 as f32,
-                            op.m[mi],
-                            p(op.signed),
-                        ));
+                        let acc = acc as i32 as f32;
+                        out.push(match &op.out {
+                            QOut::Requantize {
+                                m,
+                                zero_point,
+                                signed,
+                            } => {
+                                let p = quant_params(*zero_point, *signed);
+                                quantize_one::<true>(acc, m[mi], p) as f64
+                            }
+                            QOut::ScaleBias { bias, hard_swish } => {
+                                let mut v = acc * s;
+                                if let Some(b) = bias.get(if bias.len() == 1 { 0 } else { mi }) {
+                                    v += b;
+                                }
+                                if let Some([a, b]) = hard_swish {
+                                    v *= (v * a + b).clamp(0.0, 1.0);
+                                }
+                                v as f64
+                            }
+                        });
                     }
                 }
             }
@@ -853,7 +1227,13 @@ mod tests {
         out
     }
 
-    fn check<X: QByte + Into<i32>, Y: QByte + Into<i32>>(case: &Case, seed: &mut u64) {
+    /// `case` run as `out` (with `Y` its type) against [`reference`].
+    fn check<X: QByte + Into<i32>, Y: QOutput + Into<f64>>(
+        case: &Case,
+        out: QOut,
+        dynamic_zp: bool,
+        seed: &mut u64,
+    ) {
         let [_, c, kh, kw] = [case.x[0], case.x[1], case.kernel[0], case.kernel[1]];
         let x: Vec<X> = (0..case.x.iter().product::<usize>())
             .map(|_| {
@@ -868,6 +1248,7 @@ mod tests {
         let b: Vec<i32> = (0..case.m)
             .map(|_| (lcg(seed) % 20001) as i32 - 10000)
             .collect();
+        let x_zp = if X::SIGNED { -3 } else { 131 };
         let op = QConv {
             conv: Conv {
                 window: Window {
@@ -878,27 +1259,36 @@ mod tests {
                 kernel: case.kernel,
                 act: Activation::Identity,
             },
-            x_zero_point: if X::SIGNED { -3 } else { 131 },
-            // Small multipliers, and one large enough to saturate most outputs.
-            m: (0..case.m)
+            x_zero_point: (!dynamic_zp).then_some(x_zp),
+            out,
+        };
+        let s = 3.7e-4;
+        let (packed, shape) = pack(&k, case.m, c, kh * kw).expect("fits i16");
+        let got = op
+            .run::<X, Y>(&x, &case.x, x_zp, &packed, &shape, &b, s)
+            .expect("run");
+        let got: Vec<f64> = got
+            .try_as_plain_ram()
+            .expect("plain")
+            .as_slice::<Y>()
+            .expect("typed")
+            .iter()
+            .map(|&v| v.into())
+            .collect();
+        let want = reference(&op, case, (&x, x_zp), &k, &b, s);
+        assert_eq!(got, want, "{:?} {:?}", case.x, op.out);
+    }
+
+    /// Requantisation to `Y`: small multipliers, and one large enough to saturate most
+    /// outputs.
+    fn requantize_to<Y: QByte>(m: usize) -> QOut {
+        QOut::Requantize {
+            m: (0..m)
                 .map(|i| if i == 1 { 0.05 } else { 1e-4 * (i + 1) as f32 })
                 .collect(),
             zero_point: if Y::SIGNED { 5 } else { 117 },
             signed: Y::SIGNED,
-        };
-        let (packed, shape) = pack(&k, case.m, c, kh * kw).expect("fits i16");
-        let got = op
-            .run::<X, Y>(&x, &case.x, &packed, &shape, &b)
-            .expect("run");
-        let got: Vec<i32> = got
-            .try_as_plain_ram()
-            .expect("plain")
-            .as_slice::<Y>()
-            .expect("bytes")
-            .iter()
-            .map(|&v| v.into())
-            .collect();
-        assert_eq!(got, reference(&op, case, &x, &k, &b), "{:?}", case.x);
+        }
     }
 
     #[test]
@@ -952,10 +1342,22 @@ mod tests {
             },
         ];
         for case in &cases {
-            check::<u8, u8>(case, &mut seed);
-            check::<i8, i8>(case, &mut seed);
-            check::<u8, i8>(case, &mut seed);
-            check::<i8, u8>(case, &mut seed);
+            let m = case.m;
+            check::<u8, u8>(case, requantize_to::<u8>(m), false, &mut seed);
+            check::<i8, i8>(case, requantize_to::<i8>(m), false, &mut seed);
+            check::<u8, i8>(case, requantize_to::<i8>(m), false, &mut seed);
+            check::<i8, u8>(case, requantize_to::<u8>(m), true, &mut seed);
+            // The dynamic quantizer's epilogue: per-channel, one or no bias, a hard-swish.
+            let per_channel: Vec<f32> = (0..m).map(|i| i as f32 * 0.37 - 1.1).collect();
+            for (bias, hard_swish) in [
+                (per_channel, Some([1.0 / 6.0, 0.5])),
+                (vec![0.25], None),
+                (vec![], Some([0.2, 0.5])),
+            ] {
+                let out = QOut::ScaleBias { bias, hard_swish };
+                check::<u8, f32>(case, out.clone(), true, &mut seed);
+                check::<i8, f32>(case, out, false, &mut seed);
+            }
         }
     }
 
@@ -1008,10 +1410,12 @@ mod tests {
                 kernel: [3, 3],
                 act: Activation::Identity,
             },
-            x_zero_point: 0,
-            m: vec![1.0; 2],
-            zero_point: 0,
-            signed: false,
+            x_zero_point: Some(0),
+            out: QOut::Requantize {
+                m: vec![1.0; 2],
+                zero_point: 0,
+                signed: false,
+            },
         };
         let (k, ks) = pack(&[1; 2 * 3 * 9], 2, 3, 9).expect("fits");
         let x = vec![0u8; 3 * 5 * 5];
@@ -1019,17 +1423,25 @@ mod tests {
         // A kernel larger than the input, a packed kernel for other channel counts, and a
         // multiplier count that disagrees: errors, not panics.
         assert!(
-            op.run::<u8, u8>(&x[..3 * 2 * 2], &[1, 3, 2, 2], &k, &ks, &b)
+            op.run::<u8, u8>(&x[..3 * 2 * 2], &[1, 3, 2, 2], 0, &k, &ks, &b, 1.0)
                 .is_err()
         );
         assert!(
-            op.run::<u8, u8>(&x[..25], &[1, 1, 5, 5], &k, &ks, &b)
+            op.run::<u8, u8>(&x[..25], &[1, 1, 5, 5], 0, &k, &ks, &b, 1.0)
                 .is_err()
         );
         assert!(
-            op.run::<u8, u8>(&x, &[1, 3, 5, 5], &k, &ks, &b[..1])
+            op.run::<u8, u8>(&x, &[1, 3, 5, 5], 0, &k, &ks, &b[..1], 1.0)
                 .is_err()
         );
-        assert!(op.run::<u8, u8>(&x, &[1, 3, 5, 5], &k, &ks, &b).is_ok());
+        // The wrong output type for the op's epilogue.
+        assert!(
+            op.run::<u8, f32>(&x, &[1, 3, 5, 5], 0, &k, &ks, &b, 1.0)
+                .is_err()
+        );
+        assert!(
+            op.run::<u8, u8>(&x, &[1, 3, 5, 5], 0, &k, &ks, &b, 1.0)
+                .is_ok()
+        );
     }
 }

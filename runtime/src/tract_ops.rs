@@ -650,13 +650,7 @@ impl TypedOp for GlobalAveragePoolOrt {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (*seed >> 33) as u32
-    }
+    use crate::testutil::lcg;
 
     #[test]
     fn round_even_is_round_half_to_even() {
@@ -1023,6 +1017,14 @@ mod tests {
         let long: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 + 1.0).collect();
         assert_eq!(DynamicQuantizeOrt::params(&long), (19.0 / 255.0, 0));
         assert_eq!(DynamicQuantizeOrt::params(&[0.0; 20]), (1.0, 0));
+        // The extremes in each lane of the vector blocks and in the remainder.
+        for at in [0, 5, 15, 16, 31, 997, 1000] {
+            let mut v: Vec<f32> = (0..1003).map(|i| ((i * 37) % 101) as f32 * 0.01).collect();
+            v[at] = -7.5;
+            v[(at + 400) % 1003] = 9.25;
+            let (s, zp) = DynamicQuantizeOrt::params(&v);
+            assert_eq!((s, zp), (16.75 / 255.0, 114), "extremes at {at}");
+        }
         let t = Tensor::from_shape(&[6], &x).expect("x");
         let out = DynamicQuantizeOrt
             .eval(&EvalContext::out_of_plan(), tvec!(t.into_tvalue()))
@@ -1485,10 +1487,31 @@ pub(crate) struct DynamicQuantizeOrt;
 impl DynamicQuantizeOrt {
     /// Scale and zero point of `x`.
     fn params(x: &[f32]) -> (f32, i32) {
-        let (mut lo, mut hi) = ([0f32; 8], [0f32; 8]);
-        let mut blocks = x.chunks_exact(8);
+        let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
+        let mut blocks = x.chunks_exact(16);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE is baseline on x86-64; every load is inside a 16-value block and every
+        // store inside `lo`/`hi`. LLVM leaves the portable loop below scalar.
+        unsafe {
+            use std::arch::x86_64::*;
+            let mut l = [_mm_setzero_ps(); 4];
+            let mut h = [_mm_setzero_ps(); 4];
+            for b in &mut blocks {
+                for k in 0..4 {
+                    let v = _mm_loadu_ps(b.as_ptr().add(4 * k));
+                    // minps(v, l) is `v < l ? v : l`, as the comparison below (NaN keeps l).
+                    l[k] = _mm_min_ps(v, l[k]);
+                    h[k] = _mm_max_ps(v, h[k]);
+                }
+            }
+            for k in 0..4 {
+                _mm_storeu_ps(lo.as_mut_ptr().add(4 * k), l[k]);
+                _mm_storeu_ps(hi.as_mut_ptr().add(4 * k), h[k]);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
         for b in &mut blocks {
-            for k in 0..8 {
+            for k in 0..16 {
                 lo[k] = if b[k] < lo[k] { b[k] } else { lo[k] };
                 hi[k] = if b[k] > hi[k] { b[k] } else { hi[k] };
             }
@@ -1701,28 +1724,33 @@ impl ScaleBias {
                     let h = self
                         .hard_swish
                         .map(|[a, b]| (f32::from_bits(a), f32::from_bits(b)));
-                    let (sv, bv, (ha, hb)) =
-                        (s.unwrap_or(1.0), b.unwrap_or(0.0), h.unwrap_or((0.0, 0.0)));
-                    match (s.is_some(), b.is_some(), h.is_some()) {
-                        (true, true, true) => epilogue::<true, true, true>(o, x, sv, bv, ha, hb),
-                        (true, true, false) => epilogue::<true, true, false>(o, x, sv, bv, ha, hb),
-                        (true, false, true) => epilogue::<true, false, true>(o, x, sv, bv, ha, hb),
-                        (true, false, false) => {
-                            epilogue::<true, false, false>(o, x, sv, bv, ha, hb)
-                        }
-                        (false, true, true) => epilogue::<false, true, true>(o, x, sv, bv, ha, hb),
-                        (false, true, false) => {
-                            epilogue::<false, true, false>(o, x, sv, bv, ha, hb)
-                        }
-                        (false, false, true) => {
-                            epilogue::<false, false, true>(o, x, sv, bv, ha, hb)
-                        }
-                        (false, false, false) => o.copy_from_slice(x),
-                    }
+                    scale_bias(o, x, s, b, h);
                 }
             }
             Ok(())
         })
+    }
+}
+
+/// `o = hswish(x · s + b)` (each step optional) as [`SCALE_BIAS`] computes it: f32 roundings
+/// in tract's order, no fused multiply-add.
+pub(crate) fn scale_bias(
+    o: &mut [f32],
+    x: &[f32],
+    s: Option<f32>,
+    b: Option<f32>,
+    h: Option<(f32, f32)>,
+) {
+    let (sv, bv, (ha, hb)) = (s.unwrap_or(1.0), b.unwrap_or(0.0), h.unwrap_or((0.0, 0.0)));
+    match (s.is_some(), b.is_some(), h.is_some()) {
+        (true, true, true) => epilogue::<true, true, true>(o, x, sv, bv, ha, hb),
+        (true, true, false) => epilogue::<true, true, false>(o, x, sv, bv, ha, hb),
+        (true, false, true) => epilogue::<true, false, true>(o, x, sv, bv, ha, hb),
+        (true, false, false) => epilogue::<true, false, false>(o, x, sv, bv, ha, hb),
+        (false, true, true) => epilogue::<false, true, true>(o, x, sv, bv, ha, hb),
+        (false, true, false) => epilogue::<false, true, false>(o, x, sv, bv, ha, hb),
+        (false, false, true) => epilogue::<false, false, true>(o, x, sv, bv, ha, hb),
+        (false, false, false) => o.copy_from_slice(x),
     }
 }
 

@@ -581,6 +581,7 @@ fn integer(
 
 #[cfg(test)]
 mod tests {
+    use crate::testutil::{lcg, value_info};
     use prost::Message;
     use tract_onnx::pb::{self, ModelProto, OperatorSetIdProto};
 
@@ -589,36 +590,6 @@ mod tests {
     use crate::{Model, ModelOptions, Tensor};
 
     /// A small deterministic generator (no dependency, same numbers everywhere).
-    fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (*seed >> 33) as u32
-    }
-
-    fn value_info(name: &str, elem_type: i32, dims: &[usize]) -> pb::ValueInfoProto {
-        use pb::tensor_shape_proto::{Dimension, dimension::Value};
-        pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type,
-                    shape: Some(pb::TensorShapeProto {
-                        dim: dims
-                            .iter()
-                            .map(|&d| Dimension {
-                                value: Some(Value::DimValue(d as i64)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
     fn model(n: NodeProto, inits: Vec<TensorProto>, x: &[usize], y: &[usize]) -> Vec<u8> {
         ModelProto {
             ir_version: 8,
