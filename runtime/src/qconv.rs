@@ -549,7 +549,7 @@ impl QOutput for f32 {
                 std::slice::from_mut(d),
                 &[a as f32],
                 Some(s),
-                b,
+                b.as_ref().map(std::slice::from_ref),
                 hard_swish.map(|[a, b]| (a, b)),
             );
         }

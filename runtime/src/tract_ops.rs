@@ -818,6 +818,53 @@ mod tests {
         }
     }
 
+    #[test]
+    fn scale_bias_matches_its_definition_on_either_channel_axis() {
+        // [2, 3, 13]: channels on axis 1 (a convolution's, 13 values each) or on the last
+        // axis (a matrix product's, one bias per element of each row); vector blocks and
+        // scalar tails both.
+        let x: Vec<f32> = (0..2 * 3 * 13).map(|i| (i as f32 - 40.0) * 3.0).collect();
+        let t = Tensor::from_shape(&[2, 3, 13], &x).expect("x");
+        let s = 0.0371f32;
+        let (a, b) = (1.0f32 / 6.0, 0.5f32);
+        for (axis, channels) in [(1i64, 3usize), (-1, 13)] {
+            let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.3 - 1.0).collect();
+            for hard_swish in [false, true] {
+                let op = ScaleBias {
+                    bias: bias.iter().map(|v| v.to_bits()).collect(),
+                    axis,
+                    scaled: true,
+                    hard_swish: hard_swish.then_some([a.to_bits(), b.to_bits()]),
+                };
+                let out = op
+                    .eval(
+                        &EvalContext::out_of_plan(),
+                        tvec!(t.clone().into_tvalue(), Tensor::from(s).into_tvalue()),
+                    )
+                    .expect("eval");
+                let got: Vec<u32> = out[0]
+                    .try_as_plain_ram()
+                    .expect("ram")
+                    .as_slice::<f32>()
+                    .expect("f32")
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let want: Vec<u32> = (0..x.len())
+                    .map(|i| {
+                        let c = if axis == 1 { i / 13 % 3 } else { i % 13 };
+                        let mut v = x[i] * s + bias[c];
+                        if hard_swish {
+                            v *= (v * a + b).clamp(0.0, 1.0);
+                        }
+                        v.to_bits()
+                    })
+                    .collect();
+                assert_eq!(got, want, "axis {axis}, hard-swish {hard_swish}");
+            }
+        }
+    }
+
     /// The fedge ops a crafted model can name directly (domain `ai.fedge`): bad parameters
     /// and inputs are errors, not panics.
     #[test]
@@ -1710,6 +1757,16 @@ impl ScaleBias {
                 return Ok(());
             }
             let block = inner * channels;
+            let h = self
+                .hard_swish
+                .map(|[a, b]| (f32::from_bits(a), f32::from_bits(b)));
+            // Channels on the last axis (a matrix product's): whole rows, one bias per element.
+            if inner == 1 && bias.len() > 1 {
+                for (o, x) in out.chunks_exact_mut(block).zip(x.chunks_exact(block)) {
+                    scale_bias(o, x, s, Some(&bias), h);
+                }
+                return Ok(());
+            }
             for (o, x) in out.chunks_exact_mut(block).zip(x.chunks_exact(block)) {
                 for (c, (o, x)) in o
                     .chunks_exact_mut(inner)
@@ -1718,12 +1775,9 @@ impl ScaleBias {
                 {
                     let b = match bias.len() {
                         0 => None,
-                        1 => Some(bias[0]),
-                        _ => Some(bias[c]),
+                        1 => Some(&bias[..1]),
+                        _ => Some(&bias[c..c + 1]),
                     };
-                    let h = self
-                        .hard_swish
-                        .map(|[a, b]| (f32::from_bits(a), f32::from_bits(b)));
                     scale_bias(o, x, s, b, h);
                 }
             }
@@ -1733,15 +1787,15 @@ impl ScaleBias {
 }
 
 /// `o = hswish(x · s + b)` (each step optional) as [`SCALE_BIAS`] computes it: f32 roundings
-/// in tract's order, no fused multiply-add.
+/// in tract's order, no fused multiply-add. `b` holds one bias for all or one per element.
 pub(crate) fn scale_bias(
     o: &mut [f32],
     x: &[f32],
     s: Option<f32>,
-    b: Option<f32>,
+    b: Option<&[f32]>,
     h: Option<(f32, f32)>,
 ) {
-    let (sv, bv, (ha, hb)) = (s.unwrap_or(1.0), b.unwrap_or(0.0), h.unwrap_or((0.0, 0.0)));
+    let (sv, bv, (ha, hb)) = (s.unwrap_or(1.0), b.unwrap_or(&[]), h.unwrap_or((0.0, 0.0)));
     match (s.is_some(), b.is_some(), h.is_some()) {
         (true, true, true) => epilogue::<true, true, true>(o, x, sv, bv, ha, hb),
         (true, true, false) => epilogue::<true, true, false>(o, x, sv, bv, ha, hb),
@@ -1762,10 +1816,13 @@ fn epilogue<const S: bool, const B: bool, const H: bool>(
     o: &mut [f32],
     x: &[f32],
     s: f32,
-    b: f32,
+    b: &[f32],
     ha: f32,
     hb: f32,
 ) {
+    // One bias for all, or one per element.
+    let per = b.len() > 1;
+    let bias = |i: usize| if per { b[i] } else { b.first().copied().unwrap_or(0.0) };
     #[inline(always)]
     fn one<const S: bool, const B: bool, const H: bool>(
         x: f32,
@@ -1790,6 +1847,7 @@ fn epilogue<const S: bool, const B: bool, const H: bool>(
         v
     }
     let n = o.len().min(x.len());
+    let n = if B && per { n.min(b.len()) } else { n };
     // SSE is baseline on x86-64; LLVM leaves this loop scalar there.
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the intrinsics need SSE only, which x86-64 always has; every load and store is
@@ -1797,7 +1855,7 @@ fn epilogue<const S: bool, const B: bool, const H: bool>(
     let done = unsafe {
         use std::arch::x86_64::*;
         let done = n / 4 * 4;
-        let (sv, bv) = (_mm_set1_ps(s), _mm_set1_ps(b));
+        let (sv, bv) = (_mm_set1_ps(s), _mm_set1_ps(bias(0)));
         let (hav, hbv) = (_mm_set1_ps(ha), _mm_set1_ps(hb));
         let (one_v, zero) = (_mm_set1_ps(1.0), _mm_setzero_ps());
         for i in (0..done).step_by(4) {
@@ -1806,7 +1864,7 @@ fn epilogue<const S: bool, const B: bool, const H: bool>(
                 v = _mm_mul_ps(v, sv);
             }
             if B {
-                v = _mm_add_ps(v, bv);
+                v = _mm_add_ps(v, if per { _mm_loadu_ps(b.as_ptr().add(i)) } else { bv });
             }
             if H {
                 // minps/maxps return the second operand on NaN, as the comparisons above.
@@ -1820,8 +1878,8 @@ fn epilogue<const S: bool, const B: bool, const H: bool>(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let done = 0;
-    for (o, &x) in o[done..n].iter_mut().zip(&x[done..n]) {
-        *o = one::<S, B, H>(x, s, b, ha, hb);
+    for (i, (o, &x)) in o[done..n].iter_mut().zip(&x[done..n]).enumerate() {
+        *o = one::<S, B, H>(x, s, if B { bias(done + i) } else { 0.0 }, ha, hb);
     }
 }
 
