@@ -1822,7 +1822,13 @@ fn epilogue<const S: bool, const B: bool, const H: bool>(
 ) {
     // One bias for all, or one per element.
     let per = b.len() > 1;
-    let bias = |i: usize| if per { b[i] } else { b.first().copied().unwrap_or(0.0) };
+    let bias = |i: usize| {
+        if per {
+            b[i]
+        } else {
+            b.first().copied().unwrap_or(0.0)
+        }
+    };
     #[inline(always)]
     fn one<const S: bool, const B: bool, const H: bool>(
         x: f32,
@@ -1864,7 +1870,14 @@ fn epilogue<const S: bool, const B: bool, const H: bool>(
                 v = _mm_mul_ps(v, sv);
             }
             if B {
-                v = _mm_add_ps(v, if per { _mm_loadu_ps(b.as_ptr().add(i)) } else { bv });
+                v = _mm_add_ps(
+                    v,
+                    if per {
+                        _mm_loadu_ps(b.as_ptr().add(i))
+                    } else {
+                        bv
+                    },
+                );
             }
             if H {
                 // minps/maxps return the second operand on NaN, as the comparisons above.
