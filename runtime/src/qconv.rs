@@ -35,14 +35,16 @@ use tract_onnx::tract_hir::to_typed;
 
 use crate::conv::{Activation, COLS, Conv, output_runs, per_pass};
 use crate::dwconv::{Geometry, Window};
-use crate::tract_ops::{MAGIC, QByte, byte_type, fill, quant_params, quantize_one, scale_bias};
+use crate::tract_ops::{
+    MAGIC, QByte, Steps, Swish, Tail, byte_type, fill, quant_params, quantize_one,
+};
 
 /// The op type fedge's import writes: attributes as `FedgeConv`'s (`strides`, `dilations`,
 /// `kernel_shape`, `pads`) plus `x_zero_point`, `m` (the requantisation multipliers, one per
 /// output channel), `zero_point` and `signed` (the output type); inputs `X` `[N, C, H, W]`
 /// (u8 or i8), the kernel packed by [`pack`] (i32 words) and `B` `[M]` (i32). With
 /// `x_zero_point_input = 1` the input's zero point is a fourth input (a scalar); with
-/// `float_output = 1` the output is f32 (`bias` and `hard_swish` as `FedgeScaleBias`'s, the
+/// `float_output = 1` the output is f32 (`bias`, `mul`, `add`, `hard_swish` and `clip_swish` as `FedgeScaleBias`'s, the
 /// scale the last input) in place of `m`, `zero_point` and `signed`.
 pub(crate) const QCONV: &str = "FedgeQConv";
 
@@ -99,13 +101,9 @@ pub(crate) enum QOut {
         zero_point: i32,
         signed: bool,
     },
-    /// `f32(acc) · s + bias[c]`, then `y · clamp(α·y + β, 0, 1)` with `hard_swish`, in f32
-    /// (`FedgeScaleBias`): the dynamic quantizer's epilogue, `s` a run-time scalar (the last
-    /// input). `bias` holds none, one, or one value per output channel.
-    ScaleBias {
-        bias: Vec<f32>,
-        hard_swish: Option<[f32; 2]>,
-    },
+    /// `f32(acc) · s` and then the tail, in f32 as `FedgeScaleBias` computes it: the dynamic
+    /// quantizer's epilogue, `s` a run-time scalar (the last input).
+    ScaleBias(Tail),
 }
 
 impl QOut {
@@ -118,11 +116,7 @@ impl QOut {
                 zero_point,
                 signed,
             } => (u8::from(*signed), *zero_point, bits(m)),
-            QOut::ScaleBias { bias, hard_swish } => {
-                let mut k = bits(bias);
-                k.extend(hard_swish.iter().flat_map(|h| bits(h)));
-                (2 + u8::from(hard_swish.is_some()), 0, k)
-            }
+            QOut::ScaleBias(tail) => (2, 0, tail.key()),
         }
     }
 }
@@ -171,15 +165,7 @@ impl QConv {
             Ok(node.get_attr_opt_tvec::<f32>(name)?.map(|v| v.to_vec()))
         };
         let out = if int("float_output")? != 0 {
-            let hard_swish = match floats("hard_swish")?.as_deref() {
-                None => None,
-                Some(&[a, b]) => Some([a, b]),
-                Some(h) => bail!("{QCONV}: `hard_swish` takes α and β, not {h:?}"),
-            };
-            QOut::ScaleBias {
-                bias: floats("bias")?.unwrap_or_default(),
-                hard_swish,
-            }
+            QOut::ScaleBias(Tail::from_node(node, QCONV)?)
         } else {
             let m = floats("m")?.with_context(|| format!("{QCONV} without its `m` attribute"))?;
             ensure!(!m.is_empty(), "{QCONV} with no multiplier");
@@ -219,14 +205,14 @@ impl QConv {
     /// where they are run-time values.
     fn arity(&self) -> usize {
         3 + usize::from(self.x_zero_point.is_none())
-            + usize::from(matches!(self.out, QOut::ScaleBias { .. }))
+            + usize::from(matches!(self.out, QOut::ScaleBias(_)))
     }
 
     /// The output's element type.
     fn out_type(&self) -> DatumType {
         match self.out {
             QOut::Requantize { signed, .. } => byte_type(signed),
-            QOut::ScaleBias { .. } => f32::datum_type(),
+            QOut::ScaleBias(_) => f32::datum_type(),
         }
     }
 
@@ -234,7 +220,7 @@ impl QConv {
     fn fits(&self, m: usize) -> bool {
         match &self.out {
             QOut::Requantize { m: mult, .. } => mult.len() == m,
-            QOut::ScaleBias { bias, .. } => bias.len() <= 1 || bias.len() == m,
+            QOut::ScaleBias(tail) => tail.fits(m),
         }
     }
 
@@ -376,14 +362,10 @@ impl QConv {
         // The output is written from the registers where positions are output indices (no
         // discarded columns).
         let direct = (avx2 && g.wq == g.wo).then_some(&self.out);
-        // One bias per channel, for the float output.
-        let float_bias: Option<Vec<f32>> = match &self.out {
-            QOut::ScaleBias { bias, .. } => match bias.len() {
-                0 => None,
-                1 => Some(vec![bias[0]; c0 + m]),
-                _ => Some(bias.clone()),
-            },
-            QOut::Requantize { .. } => None,
+        // Each output channel's steps, for the float output.
+        let steps: Vec<Steps> = match &self.out {
+            QOut::ScaleBias(tail) => (0..c0 + m).map(|c| tail.channel(c, Some(s))).collect(),
+            QOut::Requantize { .. } => vec![],
         };
         let mut j0 = 0;
         while j0 < positions {
@@ -420,14 +402,12 @@ impl QConv {
                                     signed: Y::SIGNED,
                                 }))
                             }
-                            QOut::ScaleBias { hard_swish, .. } if Y::FLOAT => {
+                            QOut::ScaleBias(_) if Y::FLOAT => {
                                 const { assert!(!Y::FLOAT || std::mem::size_of::<Y>() == 4) };
                                 Some(Direct::Floats(FDirect {
                                     ptr: at.cast::<f32>(),
                                     stride: plane,
-                                    s,
-                                    bias: float_bias.as_ref().map(|b| &b[c0 + r0..c0 + r0 + rows]),
-                                    hard_swish: *hard_swish,
+                                    steps: &steps[c0 + r0..c0 + r0 + rows],
                                 }))
                             }
                             _ => None,
@@ -451,12 +431,12 @@ impl QConv {
             // Write the finished sums into the output plane, dropping the columns past the
             // output width (unless written directly).
             for r in (0..m).filter(|_| direct.is_none()) {
-                let b = float_bias.as_ref().map(|b| b[c0 + r]);
+                let steps = steps.get(c0 + r);
                 let acc = &stage[(r / QROWS) * QROWS * COLS + (r % QROWS) * COLS..][..len];
                 let dst = &mut out[r * plane..(r + 1) * plane];
                 output_runs(g, j0, len, |from, at, n| {
                     let (acc, dst) = (&acc[from..from + n], &mut dst[at..at + n]);
-                    Y::finish(&self.out, avx2, c0 + r, (s, b), acc, dst);
+                    Y::finish(&self.out, avx2, c0 + r, steps, acc, dst);
                 });
             }
             j0 += len;
@@ -473,14 +453,14 @@ pub(crate) trait QOutput: Datum + Copy + Default {
     const FLOAT: bool;
     /// `QByte::SIGNED` for bytes.
     const SIGNED: bool;
-    /// Channel `c`'s finished sums `acc` into `dst` (same length); `s` as in [`QConv::run`]
-    /// and `b` the channel's bias, for the float output. Writes nothing when `out` is not
-    /// this type's kind (`QConv::run` checks it is).
+    /// Channel `c`'s finished sums `acc` into `dst` (same length); `steps`: the channel's,
+    /// for the float output. Writes nothing when `out` is not this type's kind
+    /// (`QConv::run` checks it is).
     fn finish(
         out: &QOut,
         avx2: bool,
         c: usize,
-        sb: (f32, Option<f32>),
+        steps: Option<&Steps>,
         acc: &[i32],
         dst: &mut [Self],
     );
@@ -497,7 +477,7 @@ impl QOutput for u8 {
     const BYTES: bool = true;
     const FLOAT: bool = false;
     const SIGNED: bool = false;
-    fn finish(out: &QOut, avx2: bool, c: usize, _: (f32, Option<f32>), a: &[i32], d: &mut [u8]) {
+    fn finish(out: &QOut, avx2: bool, c: usize, _: Option<&Steps>, a: &[i32], d: &mut [u8]) {
         finish_bytes(out, avx2, c, a, d);
     }
 }
@@ -506,7 +486,7 @@ impl QOutput for i8 {
     const BYTES: bool = true;
     const FLOAT: bool = false;
     const SIGNED: bool = true;
-    fn finish(out: &QOut, avx2: bool, c: usize, _: (f32, Option<f32>), a: &[i32], d: &mut [i8]) {
+    fn finish(out: &QOut, avx2: bool, c: usize, _: Option<&Steps>, a: &[i32], d: &mut [i8]) {
         finish_bytes(out, avx2, c, a, d);
     }
 }
@@ -515,15 +495,8 @@ impl QOutput for f32 {
     const BYTES: bool = false;
     const FLOAT: bool = true;
     const SIGNED: bool = true;
-    fn finish(
-        out: &QOut,
-        avx2: bool,
-        _: usize,
-        (s, b): (f32, Option<f32>),
-        acc: &[i32],
-        dst: &mut [f32],
-    ) {
-        let QOut::ScaleBias { hard_swish, .. } = out else {
+    fn finish(_: &QOut, avx2: bool, _: usize, steps: Option<&Steps>, acc: &[i32], dst: &mut [f32]) {
+        let Some(steps) = steps else {
             return;
         };
         let n = acc.len().min(dst.len());
@@ -536,8 +509,7 @@ impl QOutput for f32 {
                 // SAFETY: AVX2 was detected; `i + 8 <= n`, within both slices.
                 unsafe {
                     let v = _mm256_loadu_si256(acc.as_ptr().add(i).cast());
-                    let v = scale_bias8(v, s, b, *hard_swish);
-                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), steps8(v, steps));
                 }
             }
         }
@@ -545,43 +517,48 @@ impl QOutput for f32 {
         // The sums are exact in f32 (|acc| < 2^24, checked at import), as the accumulator
         // `FedgeScaleBias` reads.
         for (d, &a) in dst[done..n].iter_mut().zip(&acc[done..n]) {
-            scale_bias(
-                std::slice::from_mut(d),
-                &[a as f32],
-                Some(s),
-                b.as_ref().map(std::slice::from_ref),
-                hard_swish.map(|[a, b]| (a, b)),
-            );
+            *d = steps.one(a as f32, 0);
         }
     }
 }
 
-/// Eight i32 sums as `FedgeScaleBias` writes them (`crate::tract_ops::scale_bias`):
-/// `f32(v) · s`, plus `b`, then `y · min(max(α·y + β, 0), 1)`, each rounded in f32.
+/// Eight i32 sums through one channel's `steps` as `FedgeScaleBias` computes them
+/// ([`Steps::one`]): each step rounded in f32, no fused multiply-add.
 ///
 /// # Safety
 /// The machine must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn scale_bias8(
-    v: std::arch::x86_64::__m256i,
-    s: f32,
-    b: Option<f32>,
-    hard_swish: Option<[f32; 2]>,
-) -> std::arch::x86_64::__m256 {
+unsafe fn steps8(v: std::arch::x86_64::__m256i, steps: &Steps) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(s));
-    if let Some(b) = b {
+    let mut v = _mm256_cvtepi32_ps(v);
+    if let Some(s) = steps.s {
+        v = _mm256_mul_ps(v, _mm256_set1_ps(s));
+    }
+    if let Some(b) = steps.b {
         v = _mm256_add_ps(v, _mm256_set1_ps(b));
     }
-    if let Some([a, b]) = hard_swish {
-        let t = _mm256_add_ps(_mm256_mul_ps(v, _mm256_set1_ps(a)), _mm256_set1_ps(b));
-        // minps/maxps return the second operand on NaN, as the scalar comparisons.
-        let t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(1.0)), _mm256_setzero_ps());
-        v = _mm256_mul_ps(v, t);
+    if let Some(m) = steps.m {
+        v = _mm256_mul_ps(v, _mm256_set1_ps(m));
     }
-    v
+    if let Some(a) = steps.a {
+        v = _mm256_add_ps(v, _mm256_set1_ps(a));
+    }
+    // minps/maxps return the second operand on NaN, as the comparisons of `Steps::one`.
+    match steps.swish {
+        Swish::None => v,
+        Swish::Sigmoid([al, be]) => {
+            let t = _mm256_add_ps(_mm256_mul_ps(v, _mm256_set1_ps(al)), _mm256_set1_ps(be));
+            let t = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(1.0)), _mm256_setzero_ps());
+            _mm256_mul_ps(v, t)
+        }
+        Swish::Clip([shift, lo, hi, div]) => {
+            let t = _mm256_add_ps(v, _mm256_set1_ps(shift));
+            let t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+            _mm256_div_ps(_mm256_mul_ps(v, t), _mm256_set1_ps(div))
+        }
+    }
 }
 
 /// `out[i] = saturate(round_half_even(f32(acc[i]) · s) + zp)`, as `FedgeRequantize` computes
@@ -690,20 +667,18 @@ impl Direct<'_> {
     fn rows(&self, r: usize) -> bool {
         match self {
             Direct::Bytes(d) => d.m.len() >= r,
-            Direct::Floats(d) => d.bias.is_none_or(|b| b.len() >= r),
+            Direct::Floats(d) => d.steps.len() >= r,
         }
     }
 }
 
 /// [`QOut::ScaleBias`] from the registers: row `r`, position `j` at `ptr + r · stride + j`,
-/// `f32(acc) · s + bias[r]`, then the hard-swish.
+/// through `steps[r]`.
 #[derive(Clone, Copy)]
 struct FDirect<'a> {
     ptr: *mut f32,
     stride: usize,
-    s: f32,
-    bias: Option<&'a [f32]>,
-    hard_swish: Option<[f32; 2]>,
+    steps: &'a [Steps<'a>],
 }
 
 /// [`QOut::Requantize`] from the registers: row `r`, position `j` at `ptr + r · stride + j`,
@@ -934,7 +909,7 @@ unsafe fn qsweep_avx2<const R: usize, const V: usize, const WHOLE: bool>(
                         store_bytes(d.ptr.add(r * d.stride + j + 8 * v), b, n);
                     }
                     Some(Direct::Floats(d)) => {
-                        let f = scale_bias8(a, d.s, d.bias.map(|b| b[r]), d.hard_swish);
+                        let f = steps8(a, &d.steps[r]);
                         store_floats(d.ptr.add(r * d.stride + j + 8 * v), f, n);
                     }
                     None => _mm256_storeu_si256(op.add(r * COLS + j + 8 * v).cast(), a),
@@ -960,13 +935,9 @@ impl Op for QConv {
                 "requantised to {} (zero point {zero_point})",
                 if *signed { "i8" } else { "u8" }
             ),
-            QOut::ScaleBias { hard_swish, .. } => format!(
-                "f32 times a run-time scale plus bias{}",
-                if hard_swish.is_some() {
-                    ", hard-swish"
-                } else {
-                    ""
-                }
+            QOut::ScaleBias(tail) => format!(
+                "f32 times a run-time scale, then {:?}",
+                tail.channel(0, None)
             ),
         };
         Ok(vec![format!(
@@ -1012,7 +983,7 @@ impl EvalOp for QConv {
             }
         };
         let s = match self.out {
-            QOut::ScaleBias { .. } => {
+            QOut::ScaleBias(_) => {
                 let s = inputs.last().context("no scale")?;
                 ensure!(s.len() == 1, "{QCONV}: a scale of {} values", s.len());
                 let s = s.cast_to::<f32>()?;
@@ -1209,13 +1180,25 @@ mod tests {
                                 let p = quant_params(*zero_point, *signed);
                                 quantize_one::<true>(acc, m[mi], p) as f64
                             }
-                            QOut::ScaleBias { bias, hard_swish } => {
+                            QOut::ScaleBias(t) => {
+                                let at =
+                                    |v: &[f32]| v.get(if v.len() == 1 { 0 } else { mi }).copied();
                                 let mut v = acc * s;
-                                if let Some(b) = bias.get(if bias.len() == 1 { 0 } else { mi }) {
+                                if let Some(b) = at(&t.bias) {
                                     v += b;
                                 }
-                                if let Some([a, b]) = hard_swish {
-                                    v *= (v * a + b).clamp(0.0, 1.0);
+                                if let Some(m) = at(&t.mul) {
+                                    v *= m;
+                                }
+                                if let Some(a) = at(&t.add) {
+                                    v += a;
+                                }
+                                match t.swish {
+                                    Swish::None => {}
+                                    Swish::Sigmoid([a, b]) => v *= (v * a + b).clamp(0.0, 1.0),
+                                    Swish::Clip([sh, lo, hi, d]) => {
+                                        v = v * (v + sh).clamp(lo, hi) / d
+                                    }
                                 }
                                 v as f64
                             }
@@ -1347,14 +1330,22 @@ mod tests {
             check::<i8, i8>(case, requantize_to::<i8>(m), false, &mut seed);
             check::<u8, i8>(case, requantize_to::<i8>(m), false, &mut seed);
             check::<i8, u8>(case, requantize_to::<u8>(m), true, &mut seed);
-            // The dynamic quantizer's epilogue: per-channel, one or no bias, a hard-swish.
+            // The dynamic quantizer's epilogue: per-channel, one or no bias, a batch norm as
+            // multiplier and addend, either hard-swish.
             let per_channel: Vec<f32> = (0..m).map(|i| i as f32 * 0.37 - 1.1).collect();
-            for (bias, hard_swish) in [
-                (per_channel, Some([1.0 / 6.0, 0.5])),
-                (vec![0.25], None),
-                (vec![], Some([0.2, 0.5])),
+            let mul: Vec<f32> = (0..m).map(|i| 1.2 - i as f32 * 0.05).collect();
+            for (bias, affine, swish) in [
+                (per_channel.clone(), false, Swish::Sigmoid([1.0 / 6.0, 0.5])),
+                (vec![0.25], false, Swish::None),
+                (vec![], false, Swish::Sigmoid([0.2, 0.5])),
+                (per_channel, true, Swish::Clip([3.0, 0.0, 6.0, 6.0])),
             ] {
-                let out = QOut::ScaleBias { bias, hard_swish };
+                let out = QOut::ScaleBias(Tail {
+                    bias,
+                    mul: if affine { mul.clone() } else { vec![] },
+                    add: if affine { vec![-0.3] } else { vec![] },
+                    swish,
+                });
                 check::<u8, f32>(case, out.clone(), true, &mut seed);
                 check::<i8, f32>(case, out, false, &mut seed);
             }

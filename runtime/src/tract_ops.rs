@@ -136,17 +136,11 @@ pub(crate) fn onnx() -> tract_onnx::Onnx {
         Ok((Box::new(DynamicQuantizeOrt), vec![]))
     });
     onnx.op_register.insert(SCALE_BIAS, |_, node| {
-        let bias = node.get_attr_opt_tvec::<f32>("bias")?.unwrap_or_default();
         Ok((
             Box::new(ScaleBias {
-                bias: bias.iter().map(|v| v.to_bits()).collect(),
                 axis: node.get_attr_opt::<i64>("axis")?.unwrap_or(1),
                 scaled: node.input.len() > 1,
-                hard_swish: match node.get_attr_opt_tvec::<f32>("hard_swish")? {
-                    Some(v) if v.len() == 2 => Some([v[0].to_bits(), v[1].to_bits()]),
-                    Some(_) => bail!("{SCALE_BIAS}: `hard_swish` takes alpha and beta"),
-                    None => None,
-                },
+                tail: Tail::from_node(node, SCALE_BIAS)?,
             }),
             vec![],
         ))
@@ -829,12 +823,23 @@ mod tests {
         let (a, b) = (1.0f32 / 6.0, 0.5f32);
         for (axis, channels) in [(1i64, 3usize), (-1, 13)] {
             let bias: Vec<f32> = (0..channels).map(|c| c as f32 * 0.3 - 1.0).collect();
-            for hard_swish in [false, true] {
+            let mul: Vec<f32> = (0..channels).map(|c| 1.3 - c as f32 * 0.07).collect();
+            let add = vec![0.45f32];
+            let swishes = [
+                Swish::None,
+                Swish::Sigmoid([a, b]),
+                Swish::Clip([3.0, 0.0, 6.0, 6.0]),
+            ];
+            for (swish, affine) in swishes.into_iter().zip([false, true, true]) {
                 let op = ScaleBias {
-                    bias: bias.iter().map(|v| v.to_bits()).collect(),
                     axis,
                     scaled: true,
-                    hard_swish: hard_swish.then_some([a.to_bits(), b.to_bits()]),
+                    tail: Tail {
+                        bias: bias.clone(),
+                        mul: if affine { mul.clone() } else { vec![] },
+                        add: if affine { add.clone() } else { vec![] },
+                        swish,
+                    },
                 };
                 let out = op
                     .eval(
@@ -854,13 +859,18 @@ mod tests {
                     .map(|i| {
                         let c = if axis == 1 { i / 13 % 3 } else { i % 13 };
                         let mut v = x[i] * s + bias[c];
-                        if hard_swish {
-                            v *= (v * a + b).clamp(0.0, 1.0);
+                        if affine {
+                            v = v * mul[c] + add[0];
+                        }
+                        match swish {
+                            Swish::None => {}
+                            Swish::Sigmoid(_) => v *= (v * a + b).clamp(0.0, 1.0),
+                            Swish::Clip(_) => v = v * (v + 3.0).clamp(0.0, 6.0) / 6.0,
                         }
                         v.to_bits()
                     })
                     .collect();
-                assert_eq!(got, want, "axis {axis}, hard-swish {hard_swish}");
+                assert_eq!(got, want, "axis {axis}, {swish:?}");
             }
         }
     }
@@ -870,10 +880,12 @@ mod tests {
     #[test]
     fn scale_bias_and_lookup_refuse_bad_parameters_and_inputs() {
         let op = ScaleBias {
-            bias: vec![1f32.to_bits(); 3],
             axis: 1,
             scaled: true,
-            hard_swish: None,
+            tail: Tail {
+                bias: vec![1.0; 3],
+                ..Tail::default()
+            },
         };
         let x = Tensor::zero::<f32>(&[1, 2, 2]).expect("x");
         let one = Tensor::from(2f32);
@@ -884,12 +896,12 @@ mod tests {
             )
             .expect_err("3 biases for 2 channels");
         assert!(
-            format!("{err:?}").contains("3 bias values for 2 channels"),
+            format!("{err:?}").contains("3 bias, 0 multiplier and 0 addend values for 2 channels"),
             "{err:?}"
         );
         let two = Tensor::zero::<f32>(&[2]).expect("s");
         let ok = ScaleBias {
-            bias: vec![],
+            tail: Tail::default(),
             ..op.clone()
         };
         let err = ok
@@ -1719,20 +1731,191 @@ impl ElementWiseMiniOp for Lookup {
 
 /// `x · s + b[c]` (each step rounded in f32, as the `Mul` and `Add` it replaces): see
 /// `crate::import`'s `scalebias`.
+/// The steps after `FedgeScaleBias`'s scale, each optional and rounded in f32 as the graph's
+/// separate ops round them (no fused multiply-add): `+ bias`, `· mul`, `+ add` (each none,
+/// one value, or one per channel: a bias, then a batch norm left as `Mul` and `Add`), then a
+/// swish.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tail {
+    pub bias: Vec<f32>,
+    pub mul: Vec<f32>,
+    pub add: Vec<f32>,
+    pub swish: Swish,
+}
+
+/// The activation at the end of a [`Tail`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) enum Swish {
+    #[default]
+    None,
+    /// `y · min(max(α·y + β, 0), 1)`: `Mul(y, HardSigmoid(y))`.
+    Sigmoid([f32; 2]),
+    /// `(y · min(max(y + shift, lo), hi)) / div`, a true division: Paddle's
+    /// `Div(Mul(y, Clip(Add(y, 3), 0, 6)), 6)`.
+    Clip([f32; 4]),
+}
+
+impl Tail {
+    /// From the attributes `bias`, `mul`, `add` (floats), `hard_swish` (α, β) and
+    /// `clip_swish` (shift, lo, hi, div) of a node of type `op`.
+    pub(crate) fn from_node(node: &tract_onnx::pb::NodeProto, op: &str) -> TractResult<Tail> {
+        let floats = |name: &str| -> TractResult<Vec<f32>> {
+            Ok(node
+                .get_attr_opt_tvec::<f32>(name)?
+                .map(|v| v.to_vec())
+                .unwrap_or_default())
+        };
+        let swish = match (
+            node.get_attr_opt_tvec::<f32>("hard_swish")?.as_deref(),
+            node.get_attr_opt_tvec::<f32>("clip_swish")?.as_deref(),
+        ) {
+            (None, None) => Swish::None,
+            (Some(&[a, b]), None) => Swish::Sigmoid([a, b]),
+            (None, Some(&[shift, lo, hi, div])) => Swish::Clip([shift, lo, hi, div]),
+            _ => bail!(
+                "{op}: `hard_swish` takes α and β, `clip_swish` shift, min, max and div, not both"
+            ),
+        };
+        Ok(Tail {
+            bias: floats("bias")?,
+            mul: floats("mul")?,
+            add: floats("add")?,
+            swish,
+        })
+    }
+
+    /// Everything that tells two tails apart, floats as bits.
+    pub(crate) fn key(&self) -> Vec<u32> {
+        let mut k = Vec::new();
+        for v in [&self.bias, &self.mul, &self.add] {
+            k.push(v.len() as u32);
+            k.extend(v.iter().map(|f| f.to_bits()));
+        }
+        match self.swish {
+            Swish::None => k.push(0),
+            Swish::Sigmoid(p) => k.extend(std::iter::once(1).chain(p.map(f32::to_bits))),
+            Swish::Clip(p) => k.extend(std::iter::once(2).chain(p.map(f32::to_bits))),
+        }
+        k
+    }
+
+    /// Whether every per-channel list fits `channels`.
+    pub(crate) fn fits(&self, channels: usize) -> bool {
+        [&self.bias, &self.mul, &self.add]
+            .iter()
+            .all(|v| v.len() <= 1 || v.len() == channels)
+    }
+
+    /// The steps for channel `c`.
+    pub(crate) fn channel(&self, c: usize, s: Option<f32>) -> Steps<'_> {
+        let pick = |v: &[f32]| -> Option<f32> {
+            match v.len() {
+                0 => None,
+                1 => Some(v[0]),
+                _ => Some(v[c]),
+            }
+        };
+        Steps {
+            s,
+            b: pick(&self.bias),
+            m: pick(&self.mul),
+            a: pick(&self.add),
+            per: [&[], &[], &[]],
+            swish: self.swish,
+        }
+    }
+
+    /// The steps for whole rows whose elements are the channels (a matrix product's).
+    fn rows(&self, s: Option<f32>) -> Steps<'_> {
+        let one = |v: &[f32]| (v.len() == 1).then(|| v[0]);
+        fn many(v: &[f32]) -> &[f32] {
+            if v.len() > 1 { v } else { &[] }
+        }
+        Steps {
+            s,
+            b: one(&self.bias),
+            m: one(&self.mul),
+            a: one(&self.add),
+            per: [many(&self.bias), many(&self.mul), many(&self.add)],
+            swish: self.swish,
+        }
+    }
+}
+
+impl PartialEq for Tail {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Tail {}
+
+impl std::hash::Hash for Tail {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+/// `x · s`, `+ b`, `· m`, `+ a`, then the swish: one value each for every element, or (from
+/// `per`: bias, multiplier, addend) one per element.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Steps<'a> {
+    pub s: Option<f32>,
+    pub b: Option<f32>,
+    pub m: Option<f32>,
+    pub a: Option<f32>,
+    pub per: [&'a [f32]; 3],
+    pub swish: Swish,
+}
+
+impl Steps<'_> {
+    /// One value through the steps; `i` indexes the per-element lists.
+    #[inline(always)]
+    pub(crate) fn one(&self, x: f32, i: usize) -> f32 {
+        let mut v = x;
+        if let Some(s) = self.s {
+            v *= s;
+        }
+        let [pb, pm, pa] = self.per;
+        if let Some(b) = self.b.or_else(|| pb.get(i).copied()) {
+            v += b;
+        }
+        if let Some(m) = self.m.or_else(|| pm.get(i).copied()) {
+            v *= m;
+        }
+        if let Some(a) = self.a.or_else(|| pa.get(i).copied()) {
+            v += a;
+        }
+        match self.swish {
+            Swish::None => v,
+            Swish::Sigmoid([al, be]) => {
+                let t = v * al + be;
+                let t = if t < 1.0 { t } else { 1.0 };
+                let t = if t > 0.0 { t } else { 0.0 };
+                v * t
+            }
+            Swish::Clip([shift, lo, hi, div]) => {
+                let t = v + shift;
+                let t = if t > lo { t } else { lo };
+                let t = if t < hi { t } else { hi };
+                (v * t) / div
+            }
+        }
+    }
+}
+
+/// `FedgeScaleBias`: `Tail` applied to `x · s` (an integer accumulator held in f32: the
+/// dynamic quantizer's epilogue).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct ScaleBias {
-    /// Bias (f32 bits): none, one, or one per channel along `axis`.
-    pub bias: Vec<u32>,
     pub axis: i64,
     /// Whether a one-element scale is the second input.
     pub scaled: bool,
-    /// `y · clamp(α·y + β, 0, 1)` after the bias (f32 bits of α and β).
-    pub hard_swish: Option<[u32; 2]>,
+    pub tail: Tail,
 }
 
 impl ScaleBias {
     fn run(&self, x: &[f32], shape: &[usize], s: Option<f32>) -> TractResult<Tensor> {
-        let bias: Vec<f32> = self.bias.iter().map(|&b| f32::from_bits(b)).collect();
         let rank = shape.len() as i64;
         let axis = if self.axis < 0 {
             self.axis + rank
@@ -1747,9 +1930,11 @@ impl ScaleBias {
         let axis = axis as usize;
         let channels = shape[axis];
         ensure!(
-            bias.len() <= 1 || bias.len() == channels,
-            "{SCALE_BIAS}: {} bias values for {channels} channels",
-            bias.len()
+            self.tail.fits(channels),
+            "{SCALE_BIAS}: {} bias, {} multiplier and {} addend values for {channels} channels",
+            self.tail.bias.len(),
+            self.tail.mul.len(),
+            self.tail.add.len()
         );
         let inner: usize = shape[axis + 1..].iter().product();
         fill::<f32>(shape, |out| {
@@ -1757,13 +1942,11 @@ impl ScaleBias {
                 return Ok(());
             }
             let block = inner * channels;
-            let h = self
-                .hard_swish
-                .map(|[a, b]| (f32::from_bits(a), f32::from_bits(b)));
-            // Channels on the last axis (a matrix product's): whole rows, one bias per element.
-            if inner == 1 && bias.len() > 1 {
+            // Channels on the last axis (a matrix product's): whole rows, one value per element.
+            if inner == 1 {
+                let steps = self.tail.rows(s);
                 for (o, x) in out.chunks_exact_mut(block).zip(x.chunks_exact(block)) {
-                    scale_bias(o, x, s, Some(&bias), h);
+                    scale_bias(o, x, &steps);
                 }
                 return Ok(());
             }
@@ -1773,12 +1956,7 @@ impl ScaleBias {
                     .zip(x.chunks_exact(inner))
                     .enumerate()
                 {
-                    let b = match bias.len() {
-                        0 => None,
-                        1 => Some(&bias[..1]),
-                        _ => Some(&bias[c..c + 1]),
-                    };
-                    scale_bias(o, x, s, b, h);
+                    scale_bias(o, x, &self.tail.channel(c, s));
                 }
             }
             Ok(())
@@ -1786,113 +1964,66 @@ impl ScaleBias {
     }
 }
 
-/// `o = hswish(x · s + b)` (each step optional) as [`SCALE_BIAS`] computes it: f32 roundings
-/// in tract's order, no fused multiply-add. `b` holds one bias for all or one per element.
-pub(crate) fn scale_bias(
-    o: &mut [f32],
-    x: &[f32],
-    s: Option<f32>,
-    b: Option<&[f32]>,
-    h: Option<(f32, f32)>,
-) {
-    let (sv, bv, (ha, hb)) = (s.unwrap_or(1.0), b.unwrap_or(&[]), h.unwrap_or((0.0, 0.0)));
-    match (s.is_some(), b.is_some(), h.is_some()) {
-        (true, true, true) => epilogue::<true, true, true>(o, x, sv, bv, ha, hb),
-        (true, true, false) => epilogue::<true, true, false>(o, x, sv, bv, ha, hb),
-        (true, false, true) => epilogue::<true, false, true>(o, x, sv, bv, ha, hb),
-        (true, false, false) => epilogue::<true, false, false>(o, x, sv, bv, ha, hb),
-        (false, true, true) => epilogue::<false, true, true>(o, x, sv, bv, ha, hb),
-        (false, true, false) => epilogue::<false, true, false>(o, x, sv, bv, ha, hb),
-        (false, false, true) => epilogue::<false, false, true>(o, x, sv, bv, ha, hb),
-        (false, false, false) => o.copy_from_slice(x),
+/// `o = steps(x)` as [`SCALE_BIAS`] computes it: f32 roundings in the graph's order, no fused
+/// multiply-add; the clamps pick what tract's `Min`/`Max` pick for every number (up to the
+/// sign of zero), and NaN as the comparisons of [`Steps::one`].
+pub(crate) fn scale_bias(o: &mut [f32], x: &[f32], steps: &Steps) {
+    let mut n = o.len().min(x.len());
+    for p in steps.per.iter().filter(|p| !p.is_empty()) {
+        n = n.min(p.len());
     }
-}
-
-/// `o = hswish(x · s + b)` with each step optional and rounded in f32 as tract's separate
-/// ops round it; the clamps are written as comparisons so that the loop vectorises (for NaN
-/// and every other input they pick what tract's `Min`/`Max` pick, up to the sign of zero).
-#[inline(always)]
-fn epilogue<const S: bool, const B: bool, const H: bool>(
-    o: &mut [f32],
-    x: &[f32],
-    s: f32,
-    b: &[f32],
-    ha: f32,
-    hb: f32,
-) {
-    // One bias for all, or one per element.
-    let per = b.len() > 1;
-    let bias = |i: usize| {
-        if per {
-            b[i]
-        } else {
-            b.first().copied().unwrap_or(0.0)
-        }
-    };
-    #[inline(always)]
-    fn one<const S: bool, const B: bool, const H: bool>(
-        x: f32,
-        s: f32,
-        b: f32,
-        ha: f32,
-        hb: f32,
-    ) -> f32 {
-        let mut v = x;
-        if S {
-            v *= s;
-        }
-        if B {
-            v += b;
-        }
-        if H {
-            let t = v * ha + hb;
-            let t = if t < 1.0 { t } else { 1.0 };
-            let t = if t > 0.0 { t } else { 0.0 };
-            v *= t;
-        }
-        v
-    }
-    let n = o.len().min(x.len());
-    let n = if B && per { n.min(b.len()) } else { n };
     // SSE is baseline on x86-64; LLVM leaves this loop scalar there.
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the intrinsics need SSE only, which x86-64 always has; every load and store is
-    // at `i + 4 <= done`, within both slices.
+    // at `i + 4 <= done`, within every slice.
     let done = unsafe {
         use std::arch::x86_64::*;
         let done = n / 4 * 4;
-        let (sv, bv) = (_mm_set1_ps(s), _mm_set1_ps(bias(0)));
-        let (hav, hbv) = (_mm_set1_ps(ha), _mm_set1_ps(hb));
-        let (one_v, zero) = (_mm_set1_ps(1.0), _mm_setzero_ps());
+        let set = |v: Option<f32>| v.map(|v| _mm_set1_ps(v));
+        let (sv, bv, mv, av) = (set(steps.s), set(steps.b), set(steps.m), set(steps.a));
+        let [pb, pm, pa] = steps.per;
+        // A step's four values at `i`: its one value, or its list's.
+        let get = |one: Option<__m128>, per: &[f32], i: usize| match one {
+            Some(v) => Some(v),
+            None if !per.is_empty() => Some(_mm_loadu_ps(per.as_ptr().add(i))),
+            None => None,
+        };
         for i in (0..done).step_by(4) {
             let mut v = _mm_loadu_ps(x.as_ptr().add(i));
-            if S {
-                v = _mm_mul_ps(v, sv);
+            if let Some(s) = sv {
+                v = _mm_mul_ps(v, s);
             }
-            if B {
-                v = _mm_add_ps(
-                    v,
-                    if per {
-                        _mm_loadu_ps(b.as_ptr().add(i))
-                    } else {
-                        bv
-                    },
-                );
+            if let Some(b) = get(bv, pb, i) {
+                v = _mm_add_ps(v, b);
             }
-            if H {
-                // minps/maxps return the second operand on NaN, as the comparisons above.
-                let t = _mm_add_ps(_mm_mul_ps(v, hav), hbv);
-                let t = _mm_max_ps(_mm_min_ps(t, one_v), zero);
-                v = _mm_mul_ps(v, t);
+            if let Some(m) = get(mv, pm, i) {
+                v = _mm_mul_ps(v, m);
             }
+            if let Some(a) = get(av, pa, i) {
+                v = _mm_add_ps(v, a);
+            }
+            v = match steps.swish {
+                Swish::None => v,
+                Swish::Sigmoid([al, be]) => {
+                    // minps/maxps return the second operand on NaN, as `Steps::one`.
+                    let t = _mm_add_ps(_mm_mul_ps(v, _mm_set1_ps(al)), _mm_set1_ps(be));
+                    let t = _mm_max_ps(_mm_min_ps(t, _mm_set1_ps(1.0)), _mm_setzero_ps());
+                    _mm_mul_ps(v, t)
+                }
+                Swish::Clip([shift, lo, hi, div]) => {
+                    let t = _mm_add_ps(v, _mm_set1_ps(shift));
+                    let t = _mm_min_ps(_mm_max_ps(t, _mm_set1_ps(lo)), _mm_set1_ps(hi));
+                    _mm_div_ps(_mm_mul_ps(v, t), _mm_set1_ps(div))
+                }
+            };
             _mm_storeu_ps(o.as_mut_ptr().add(i), v);
         }
         done
     };
     #[cfg(not(target_arch = "x86_64"))]
     let done = 0;
-    for (i, (o, &x)) in o[done..n].iter_mut().zip(&x[done..n]).enumerate() {
-        *o = one::<S, B, H>(x, s, if B { bias(done + i) } else { 0.0 }, ha, hb);
+    for (i, (o, &x)) in o[..n].iter_mut().zip(&x[..n]).enumerate().skip(done) {
+        *o = steps.one(x, i);
     }
 }
 

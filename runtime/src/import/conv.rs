@@ -300,9 +300,9 @@ fn hard_sigmoid_product(
     })
 }
 
-/// `Div(Mul(y, Clip(Add(y, shift), lo, hi)), div)` (`Add` node `a`, `Mul` node `m`), with
-/// constant scalars: Paddle's hard-swish.
-fn clip_swish(
+/// `Div(Mul(y, Clip(Add(y, shift), lo, hi)), div)` (`Add` node `a`, `Mul` node `m`; the
+/// division `Div` or `FedgeExactDiv`), with constant scalars: Paddle's hard-swish.
+pub(super) fn clip_swish(
     g: &GraphProto,
     consts: &HashMap<String, TensorProto>,
     name: &str,
@@ -325,7 +325,12 @@ fn clip_swish(
     }
     let d = sole_reader(g, &mn.output[0])?;
     let dn = &g.node[d];
-    if dn.op_type != "Div" || !plain(g, d) || dn.input.len() != 2 || dn.input[0] != mn.output[0] {
+    // fedge's exact division (written where a quantize follows) divides as `Div` defines.
+    let div_op = (dn.op_type == "Div" && plain(g, d))
+        || (dn.op_type == crate::tract_ops::EXACT_DIV
+            && dn.domain == "ai.fedge"
+            && dn.output.len() == 1);
+    if !div_op || dn.input.len() != 2 || dn.input[0] != mn.output[0] {
         return None;
     }
     let div = scalar(consts, &dn.input[1])?;

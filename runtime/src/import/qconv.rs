@@ -180,13 +180,20 @@ fn fuse_dynamic(
     attributes.extend(
         sb.attribute
             .iter()
-            .filter(|a| matches!(a.name.as_str(), "bias" | "hard_swish"))
+            .filter(|a| {
+                matches!(
+                    a.name.as_str(),
+                    "bias" | "mul" | "add" | "hard_swish" | "clip_swish"
+                )
+            })
             .cloned(),
     );
     let m = const_f32(consts, &conv.input[2])?.len();
-    let bias = attr(sb, "bias").map_or(0, |a| a.floats.len());
-    if bias > 1 && bias != m {
-        return None;
+    for name in ["bias", "mul", "add"] {
+        let n = attr(sb, name).map_or(0, |a| a.floats.len());
+        if n > 1 && n != m {
+            return None;
+        }
     }
     let inputs = vec![x.to_string(), zp.to_string(), sb.input[1].clone()];
     let (node, inits) = qconv_node(conv, consts, inputs, &sb.output[0], attributes)?;

@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
 
 use super::graph::{FLOAT, attr_i, const_f32, constants, consumers, floats_attr, int_attr, node};
+use crate::conv::Activation;
 use crate::tract_ops::{DYNAMIC_QUANTIZE_LINEAR, SCALE_BIAS};
 
 /// Values known to hold one element at run time.
@@ -128,7 +129,7 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
     let producers = super::graph::producers(g);
     let mut replace: HashMap<usize, NodeProto> = HashMap::new();
     let mut remove: HashSet<usize> = HashSet::new();
-    let (mut fused, mut biased, mut swished) = (0usize, 0usize, 0usize);
+    let (mut fused, mut biased, mut swished, mut affine) = (0usize, 0usize, 0usize, 0usize);
     for (i, a) in g.node.iter().enumerate() {
         if a.op_type != "Cast" || !a.name.ends_with("__fedge_qi_i32") || a.input.len() != 1 {
             continue;
@@ -184,9 +185,48 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
                 }
             }
         }
+        // A batch norm left as a per-channel `Mul` and `Add` after the bias joins the pass.
+        let (mut mul, mut add) = (None, None);
+        for (op, slot) in [("Mul", &mut mul), ("Add", &mut add)] {
+            if bias.is_none() {
+                break;
+            }
+            if let Some((k, n)) = only_reader(g, &readers, &end)
+                && n.op_type == op
+                && n.domain.is_empty()
+                && n.input.len() == 2
+            {
+                let other = if n.input[0] == end {
+                    &n.input[1]
+                } else {
+                    &n.input[0]
+                };
+                if let Some((values, _)) = constant(g, &consts, &producers, other)
+                    .filter(|(_, dims)| bias_fits(dims, spatial))
+                {
+                    *slot = Some(values);
+                    removed.push(k);
+                    end = n.output[0].clone();
+                }
+            }
+        }
+        // Paddle's hard-swish, `Div(Mul(y, Clip(Add(y, 3), 0, 6)), 6)`, too.
+        let mut clip_swish = None;
+        if bias.is_some()
+            && let Some(&[r0, r1]) = readers.get(&end).map(Vec::as_slice)
+            && let Some((nodes, Activation::ClipSwish { shift, lo, hi, div }, out)) =
+                super::conv::clip_swish(g, &consts, &end, r0, r1)
+                    .or_else(|| super::conv::clip_swish(g, &consts, &end, r1, r0))
+        {
+            clip_swish = Some([shift, lo, hi, div]);
+            removed.extend(nodes);
+            removed.sort_unstable();
+            end = out;
+        }
         // A hard-swish after it, `x · HardSigmoid(x)`, joins the same pass.
         let mut hard_swish = None;
         if bias.is_some()
+            && clip_swish.is_none()
             && !super::graph::is_graph_output(g, &end)
             && let Some(&[r0, r1]) = readers.get(&end).map(Vec::as_slice)
         {
@@ -218,10 +258,20 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
             attrs.push(floats_attr("hard_swish", &[alpha, beta]));
             swished += 1;
         }
+        if let Some(c) = clip_swish {
+            attrs.push(floats_attr("clip_swish", &c));
+            swished += 1;
+        }
         if let Some(b) = &bias {
             attrs.push(floats_attr("bias", b));
             biased += 1;
         }
+        for (name, v) in [("mul", &mul), ("add", &add)] {
+            if let Some(v) = v {
+                attrs.push(floats_attr(name, v));
+            }
+        }
+        affine += usize::from(mul.is_some() || add.is_some());
         let inputs: Vec<&str> = std::iter::once(a.input[0].as_str())
             .chain(scale.as_deref())
             .collect();
@@ -233,6 +283,7 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
             attrs,
         );
         n.domain = "ai.fedge".into();
+        removed.sort_unstable();
         let last = *removed.last().expect("at least the casts");
         replace.insert(last, n);
         remove.extend(removed.into_iter().filter(|&r| r != last));
@@ -249,7 +300,7 @@ pub(super) fn rewrite(g: &mut GraphProto, report: &mut Vec<String>) {
         .map(|(i, n)| replace.remove(&i).unwrap_or(n))
         .collect();
     report.push(format!(
-        "ran {fused} integer accumulators' casts, scale and bias as {SCALE_BIAS} ({biased} with a bias, {swished} with the hard-swish after it)"
+        "ran {fused} integer accumulators' casts, scale and bias as {SCALE_BIAS} ({biased} with a bias, {affine} with a per-channel multiply and add, {swished} with the hard-swish after it)"
     ));
 }
 
@@ -361,7 +412,9 @@ mod tests {
         let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
         assert_eq!(ops, ["Conv", "Reshape", SCALE_BIAS], "{report:?}");
         assert!(
-            report[0].contains("1 with a bias, 1 with the hard-swish"),
+            report[0].contains(
+                "1 with a bias, 0 with a per-channel multiply and add, 1 with the hard-swish"
+            ),
             "{report:?}"
         );
         // ONNX's definition step by step in f32 (tract itself may fuse `x · HardSigmoid(x)`
@@ -380,6 +433,50 @@ mod tests {
         let got: Vec<u32> = run(&after).iter().map(|v| v.to_bits()).collect();
         assert_eq!(got, want);
         assert_eq!(run(&before).len(), 18);
+    }
+
+    #[test]
+    fn a_batch_norm_and_paddles_hard_swish_after_the_bias_join_the_pass() {
+        // The bias, then a batch norm left as `Mul` and `Add`, then
+        // `Div(Mul(y, Clip(Add(y, 3), 0, 6)), 6)`, as quantize_dynamic leaves PP-OCRv4.
+        let mut m = epilogue();
+        let g = m.graph.as_mut().expect("graph");
+        g.node.truncate(6);
+        g.initializer.extend([
+            f32_tensor("bn_m", &[2, 1, 1], &[1.25, -0.75]),
+            f32_tensor("bn_a", &[1, 2, 1, 1], &[0.5, 2.0]),
+            f32_tensor("three", &[], &[3.0]),
+            f32_tensor("zero", &[], &[0.0]),
+            f32_tensor("six", &[], &[6.0]),
+        ]);
+        g.node.extend([
+            node("Mul", "bm".into(), &["z", "bn_m"], &["zm"], vec![]),
+            node("Add", "ba".into(), &["zm", "bn_a"], &["za"], vec![]),
+            node("Add", "p3".into(), &["za", "three"], &["t"], vec![]),
+            node("Clip", "cl".into(), &["t", "zero", "six"], &["tc"], vec![]),
+            node("Mul", "pm".into(), &["za", "tc"], &["u"], vec![]),
+            node("Div", "pd".into(), &["u", "six"], &["y"], vec![]),
+        ]);
+        let mut report = vec![];
+        rewrite(g, &mut report);
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Conv", "Reshape", SCALE_BIAS], "{report:?}");
+        assert!(
+            report[0].contains("1 with a per-channel multiply and add, 1 with the hard-swish"),
+            "{report:?}"
+        );
+        let x: Vec<f32> = (0..18).map(|v| (v * 37 % 255) as f32 - 128.0).collect();
+        let want: Vec<u32> = (0..18)
+            .map(|i| {
+                let (co, p) = (i / 9, i % 9);
+                let acc = (co as f32 * 2.0 - 1.5) * x[p] + (co as f32 * 2.0 - 0.5) * x[9 + p];
+                let z = acc * 0.037 + [0.25f32, -1.75][co];
+                let z = z * [1.25f32, -0.75][co] + [0.5f32, 2.0][co];
+                (z * (z + 3.0).clamp(0.0, 6.0) / 6.0).to_bits()
+            })
+            .collect();
+        let got: Vec<u32> = run(&m).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
