@@ -1051,6 +1051,14 @@ mod tests {
                         quantize_slice::<u8, false>(&x, &mut div, s, zp);
                         quantize_slice::<u8, true>(&x, &mut mul, s, zp);
                     }
+                    // The SSE2 form, which machines without AVX2 run.
+                    #[cfg(target_arch = "x86_64")]
+                    if !signed {
+                        let mut sse = vec![0u8; x.len()];
+                        // SAFETY: SSE2 is part of the x86-64 baseline.
+                        let done = unsafe { quantize_sse2::<u8, false>(&x, &mut sse, s, p) };
+                        assert_eq!(sse[..done], div[..done], "SSE2, / {s}, zero point {zp}");
+                    }
                     for (i, &v) in x.iter().enumerate() {
                         assert_eq!(div[i], quantize_one::<false>(v, s, p) as u8, "{v} / {s}");
                         assert_eq!(mul[i], quantize_one::<true>(v, s, p) as u8, "{v} * {s}");
@@ -1267,8 +1275,14 @@ pub(crate) fn quantize_one<const MUL: bool>(
 pub(crate) fn quantize_slice<T: QByte, const MUL: bool>(x: &[f32], out: &mut [T], s: f32, zp: i32) {
     let p = quant_params(zp, T::SIGNED);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE2 is part of the x86-64 baseline, so every x86-64 CPU has it.
-    let done = unsafe { quantize_sse2::<T, MUL>(x, out, s, p) };
+    // SAFETY: AVX2 is used only where detected; SSE2 is part of the x86-64 baseline.
+    let done = unsafe {
+        if crate::conv::fast() {
+            quantize_avx2::<T, MUL>(x, out, s, p)
+        } else {
+            quantize_sse2::<T, MUL>(x, out, s, p)
+        }
+    };
     #[cfg(not(target_arch = "x86_64"))]
     let done = 0;
     for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
@@ -1332,6 +1346,51 @@ fn quantize_sse2<T: QByte, const MUL: bool>(
         };
         // SAFETY: `o` is 16 writable one-byte values (asserted above); `storeu` has no
         // alignment requirement.
+        unsafe { _mm_storeu_si128(o.as_mut_ptr().cast::<__m128i>(), bytes) };
+    }
+    x.len().min(out.len()) / 16 * 16
+}
+
+/// [`quantize_sse2`] eight lanes at a time (twice the divisions per instruction).
+///
+/// # Safety
+/// The machine must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_avx2<T: QByte, const MUL: bool>(
+    x: &[f32],
+    out: &mut [T],
+    s: f32,
+    (lo, hi, bias): (f32, f32, i32),
+) -> usize {
+    const { assert!(std::mem::size_of::<T>() == 1) };
+    use std::arch::x86_64::*;
+    let (vs, vlo, vhi) = (_mm256_set1_ps(s), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let (magic, vbias) = (_mm256_set1_ps(MAGIC), _mm256_set1_epi32(bias));
+    let eight = |c: &[f32]| -> __m256i {
+        // SAFETY: `c` holds eight values.
+        let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        let q = if MUL {
+            _mm256_mul_ps(v, vs)
+        } else {
+            _mm256_div_ps(v, vs)
+        };
+        // maxps(q, lo) returns `lo` when `q` is NaN, as `quantize_one` does.
+        let q = _mm256_min_ps(_mm256_max_ps(q, vlo), vhi);
+        _mm256_add_epi32(_mm256_castps_si256(_mm256_add_ps(q, magic)), vbias)
+    };
+    for (o, c) in out.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
+        // In range already, so the saturating packs only narrow; the pack works within
+        // 128-bit lanes, so the quarters are put back in order before the last one.
+        let w = _mm256_packs_epi32(eight(&c[0..8]), eight(&c[8..16]));
+        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(w);
+        let (a, b) = (_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+        let bytes = if T::SIGNED {
+            _mm_packs_epi16(a, b)
+        } else {
+            _mm_packus_epi16(a, b)
+        };
+        // SAFETY: `o` is 16 writable one-byte values (asserted above).
         unsafe { _mm_storeu_si128(o.as_mut_ptr().cast::<__m128i>(), bytes) };
     }
     x.len().min(out.len()) / 16 * 16
